@@ -1,0 +1,1 @@
+"""Prefect blocks holding ClaudeCluster settings and repository credentials."""

@@ -1,0 +1,97 @@
+"""The ClaudeCluster exception hierarchy.
+
+Every error we raise on purpose derives from :class:`ClaudeClusterError`. Each carries
+structured fields (what was wrong, what to do about it) so the CLI can print a one-line
+message and pick an exit code without string matching::
+
+    ClaudeClusterError
+    ├── UsageError                    bad input from the user: exit code 2, nothing changed
+    │   ├── RepoError                 the repo is missing, not git, bare, or has no commits
+    │   ├── PlanError                 a plan (file or planner output) is invalid
+    │   ├── PathEscapeError           a path points outside the repository
+    │   └── ConfigError               settings, keys or pools are missing or contradictory
+    ├── GitError                      a git operation we rely on failed
+    ├── SessionError                  a Claude Code session could not run at all
+    ├── PlannerError                  the planner session produced no usable plan
+    └── ServerError                   the embedded Prefect server could not be started
+
+Foreign exceptions (GitPython's, the SDK's) are translated at the seam that calls them.
+"""
+
+from __future__ import annotations
+
+
+class ClaudeClusterError(Exception):
+    """Base class for every error ClaudeCluster raises on purpose."""
+
+    exit_code: int = 1
+
+    def __init__(self, message: str, *, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+    def one_line(self) -> str:
+        """The message and the hint on one line, as the CLI prints it."""
+        text = self.message.rstrip(".")
+        return f"{text}. {self.hint}" if self.hint else f"{text}."
+
+
+class UsageError(ClaudeClusterError):
+    """The user's input is wrong; nothing was started or changed."""
+
+    exit_code = 2
+
+
+class RepoError(UsageError):
+    """The repository is missing, not a git repository, bare, or has no commits."""
+
+    def __init__(self, message: str, *, repo: str, hint: str | None = None) -> None:
+        super().__init__(message, hint=hint)
+        self.repo = repo
+
+
+class PlanError(UsageError):
+    """A plan is invalid: bad file, duplicate ids, unknown dependencies, cycles, bad paths."""
+
+    def __init__(self, message: str, *, source: str | None = None, hint: str | None = None) -> None:
+        super().__init__(message, hint=hint)
+        self.source = source
+
+
+class PathEscapeError(PlanError):
+    """A task path points outside the repository."""
+
+    def __init__(self, message: str, *, path: str, hint: str | None = None) -> None:
+        super().__init__(message, hint=hint)
+        self.path = path
+
+
+class ConfigError(UsageError):
+    """Settings, credentials or pools are missing or contradictory."""
+
+
+class GitError(ClaudeClusterError):
+    """A git operation ClaudeCluster relies on failed."""
+
+    def __init__(self, message: str, *, command: str | None = None, stderr: str = "") -> None:
+        super().__init__(message)
+        self.command = command
+        self.stderr = stderr
+
+
+class SessionError(ClaudeClusterError):
+    """A Claude Code session could not be started or crashed outright."""
+
+    def __init__(self, message: str, *, exit_code: int | None = None, stderr: str = "") -> None:
+        super().__init__(message)
+        self.process_exit_code = exit_code
+        self.stderr = stderr
+
+
+class PlannerError(ClaudeClusterError):
+    """The planner session returned no plan, or one that does not validate."""
+
+
+class ServerError(ClaudeClusterError):
+    """The embedded Prefect server could not be started or reached."""

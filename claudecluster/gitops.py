@@ -1,0 +1,258 @@
+"""Git operations on the user's repository, done so the user's checkout is never touched.
+
+Every write happens in a separate worktree on a ``claudecluster/...`` branch: the user's
+working tree, index and checked-out branch stay exactly as they were, dirty or not. Commits
+skip the repository's hooks and signing (an unattended run cannot answer a pinentry prompt)
+and ignore build litter such as ``__pycache__`` even when the repo has no ``.gitignore``.
+
+GitPython's exceptions are translated into :class:`~claudecluster.errors.GitError` and
+:class:`~claudecluster.errors.RepoError` here, at the one seam that calls git.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import git
+from git.exc import GitCommandError, InvalidGitRepositoryError, NoSuchPathError
+
+from claudecluster.errors import GitError, RepoError
+from claudecluster.models import FileChange
+
+BRANCH_PREFIX = "claudecluster"
+AUTHOR_NAME = "ClaudeCluster"
+AUTHOR_EMAIL = "claudecluster@users.noreply.localhost"
+
+# Litter a verify run or a session leaves behind that must never land in a task commit.
+_IGNORED_LITTER = "\n".join(
+    [
+        "__pycache__/",
+        "*.py[cod]",
+        ".pytest_cache/",
+        ".mypy_cache/",
+        ".ruff_cache/",
+        ".coverage",
+        ".claude/settings.local.json",
+    ]
+)
+
+
+def task_branch(run_id: str, task_id: str) -> str:
+    """The branch a task's work is committed to."""
+    return f"{BRANCH_PREFIX}/{run_id}/{task_id}"
+
+
+def integration_branch(run_id: str) -> str:
+    """The branch a run's task branches are merged into.
+
+    Git cannot hold both ``claudecluster/<run>`` and ``claudecluster/<run>/<task>`` (a ref
+    cannot be both a file and a directory), so the integration branch sits beside the
+    task branches under the run's folder.
+    """
+    return f"{BRANCH_PREFIX}/{run_id}/integration"
+
+
+def open_repo(path: str | Path) -> git.Repo:
+    """Open a non-bare repository with at least one commit, or raise a RepoError."""
+    location = Path(path).expanduser()
+    shown = str(path)
+    if not location.exists():
+        raise RepoError(
+            f"repository {shown} does not exist", repo=shown, hint="Pass --repo an existing path."
+        )
+    try:
+        repo = git.Repo(location, search_parent_directories=False)
+    except (InvalidGitRepositoryError, NoSuchPathError):
+        raise RepoError(
+            f"{shown} is not a git repository",
+            repo=shown,
+            hint="Run `git init` and commit, or pass the repository's root folder.",
+        ) from None
+    if repo.bare:
+        raise RepoError(
+            f"{shown} is a bare repository",
+            repo=shown,
+            hint="Pass a clone with a working tree (git clone the bare repo first).",
+        )
+    try:
+        repo.head.commit  # noqa: B018 - raises when the branch has no commits yet
+    except ValueError:
+        raise RepoError(
+            f"{shown} has no commits",
+            repo=shown,
+            hint="Commit something first; tasks start from a commit.",
+        ) from None
+    return repo
+
+
+def resolve_commit(repo: git.Repo, ref: str | None = None) -> str:
+    """The full sha of ``ref`` (default: HEAD)."""
+    try:
+        return str(repo.commit(ref or "HEAD").hexsha)
+    except (git.BadName, ValueError, GitCommandError) as exc:
+        raise RepoError(
+            f"cannot resolve {ref!r} to a commit",
+            repo=str(repo.working_dir),
+            hint="Pass a branch, tag or commit sha that exists.",
+        ) from exc
+
+
+def _git(repo: git.Repo, *args: str) -> str:
+    try:
+        return str(
+            repo.git.execute(
+                ["git", "-c", "core.quotepath=false", *args], strip_newline_in_stdout=False
+            )
+        )
+    except GitCommandError as exc:
+        raise GitError(
+            f"git {args[0]} failed: {str(exc.stderr).strip() or exc}",
+            command="git " + " ".join(args),
+            stderr=str(exc.stderr),
+        ) from exc
+
+
+@dataclass(frozen=True)
+class Worktree:
+    """A worktree checked out on its own branch."""
+
+    path: Path
+    branch: str
+    base_commit: str
+
+
+def add_worktree(repo: git.Repo, path: Path, branch: str, base_commit: str) -> Worktree:
+    """Create ``branch`` at ``base_commit`` and check it out in a new worktree at ``path``.
+
+    If the branch exists from an earlier attempt of the same task, it is reset only when it
+    holds no commits beyond the base; otherwise the earlier work is kept and GitError raised.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.exists():
+        remove_worktree(repo, path)
+    if branch_exists(repo, branch):
+        if commits_ahead(repo, base_commit, branch):
+            raise GitError(
+                f"branch {branch} already holds commits; refusing to overwrite them",
+                command=f"git worktree add {path}",
+            )
+        _git(repo, "branch", "-D", branch)
+    _git(repo, "worktree", "add", "--quiet", "-b", branch, str(path), base_commit)
+    return Worktree(path=path, branch=branch, base_commit=base_commit)
+
+
+def remove_worktree(repo: git.Repo, path: Path) -> None:
+    """Remove a worktree directory and its registration; its branch is kept."""
+    if path.exists():
+        try:
+            _git(repo, "worktree", "remove", "--force", "--force", str(path))
+        except GitError:
+            shutil.rmtree(path, ignore_errors=True)
+    _git(repo, "worktree", "prune")
+
+
+def branch_exists(repo: git.Repo, branch: str) -> bool:
+    """True when ``refs/heads/<branch>`` exists."""
+    try:
+        repo.git.rev_parse("--verify", "--quiet", f"refs/heads/{branch}")
+    except GitCommandError:
+        return False
+    return True
+
+
+def commits_ahead(repo: git.Repo, base: str, ref: str) -> int:
+    """How many commits ``ref`` has that ``base`` does not."""
+    return int(_git(repo, "rev-list", "--count", f"{base}..{ref}").strip() or 0)
+
+
+def delete_branch(repo: git.Repo, branch: str) -> None:
+    """Delete a branch that holds no unique work (callers check first)."""
+    _git(repo, "branch", "-D", branch)
+
+
+@contextmanager
+def _litter_excludes(tmp_dir: Path) -> Iterator[Path]:
+    exclude = tmp_dir / "claudecluster-excludes"
+    exclude.write_text(_IGNORED_LITTER + "\n")
+    try:
+        yield exclude
+    finally:
+        exclude.unlink(missing_ok=True)
+
+
+def commit_all(worktree: Path, message: str) -> str | None:
+    """Stage and commit everything the session changed; return the new sha or None.
+
+    The author and committer are ClaudeCluster, so a task's commits are identifiable.
+    """
+    repo = git.Repo(worktree)
+    git_dir = Path(repo.git_dir)
+    with _litter_excludes(git_dir) as exclude:
+        _git(repo, "-c", f"core.excludesFile={exclude}", "add", "--all", ".")
+    if not _git(repo, "diff", "--cached", "--name-only").strip():
+        return None
+    _git(
+        repo,
+        "-c",
+        f"user.name={AUTHOR_NAME}",
+        "-c",
+        f"user.email={AUTHOR_EMAIL}",
+        "-c",
+        "commit.gpgsign=false",
+        "commit",
+        "--quiet",
+        "--no-verify",
+        f"--author={AUTHOR_NAME} <{AUTHOR_EMAIL}>",
+        "-m",
+        message,
+    )
+    return str(repo.head.commit.hexsha)
+
+
+def diff_stats(repo: git.Repo, base: str, head: str) -> list[FileChange]:
+    """Files changed between two commits, with added/removed line counts.
+
+    Renames are reported as a deletion plus an addition, which keeps the line counts honest
+    and the parsing trivial.
+    """
+    kinds = {"A": "added", "M": "modified", "D": "deleted"}
+    statuses: dict[str, str] = {}
+    for line in _git(repo, "diff", "--no-renames", "--name-status", base, head).splitlines():
+        status, _, path = line.partition("\t")
+        if path:
+            statuses[path] = kinds.get(status[:1], "modified")
+    changes: list[FileChange] = []
+    for line in _git(repo, "diff", "--no-renames", "--numstat", base, head).splitlines():
+        added, removed, path = ([*line.split("\t", 2), "", ""])[:3]
+        if not path:
+            continue
+        changes.append(
+            FileChange(
+                path=path,
+                added=int(added) if added.isdigit() else 0,
+                removed=int(removed) if removed.isdigit() else 0,
+                change=statuses.get(path, "modified"),  # type: ignore[arg-type]
+            )
+        )
+    return changes
+
+
+def diff_text(repo: git.Repo, base: str, head: str) -> str:
+    """The unified diff between two commits."""
+    return _git(repo, "diff", "-M", base, head)
+
+
+def cap_text(text: str, max_bytes: int) -> tuple[str, bool]:
+    """Cut ``text`` to about ``max_bytes``, at a line end, saying what was cut."""
+    raw = text.encode()
+    if len(raw) <= max_bytes:
+        return text, False
+    kept = raw[:max_bytes].decode(errors="ignore")
+    kept = kept[: kept.rfind("\n") + 1] if "\n" in kept else kept
+    cut_lines = text.count("\n") - kept.count("\n")
+    cut_bytes = len(raw) - len(kept.encode())
+    return kept + f"\n[... {cut_lines} more lines ({cut_bytes} bytes) cut ...]\n", True

@@ -1,0 +1,247 @@
+"""The data ClaudeCluster passes around: task specs, worker settings, results and reports.
+
+These models are the public contract between the CLI, the Prefect flows and tasks, and
+anything that reads a ``--json`` report. Every field is described, so the JSON schema
+(``TaskResult.model_json_schema()``) documents itself.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import timedelta
+from enum import StrEnum
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+TASK_ID_PATTERN = r"^[a-z0-9][a-z0-9-]{0,62}$"
+"""Task ids double as branch and artifact-key parts, so they follow Prefect's artifact rule."""
+
+TaskKind = Literal["scaffold", "refactor", "test", "docs", "other"]
+PermissionPolicy = Literal["safe", "read-only", "container"]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=False)
+
+
+class TaskSpec(_Model):
+    """One well-scoped unit of work, run as one unattended Claude Code session."""
+
+    id: Annotated[str, Field(pattern=TASK_ID_PATTERN)] = Field(
+        description="Unique id within the plan: lowercase letters, digits and dashes."
+    )
+    kind: TaskKind = Field(
+        default="other", description="What sort of work this is: scaffold, refactor, test, docs."
+    )
+    title: str = Field(min_length=1, description="A one-line title, used in commits and reports.")
+    prompt: str = Field(min_length=1, description="The instructions given to Claude Code.")
+    paths: list[str] = Field(
+        default_factory=list,
+        description="Repo-relative paths (files, folders or globs) the task expects to touch. "
+        "Tasks with overlapping paths never run at the same time.",
+    )
+    depends_on: list[str] = Field(
+        default_factory=list, description="Ids of tasks whose merged work this task builds on."
+    )
+    pool: str | None = Field(
+        default=None, description="Work pool to run on; None means the plan's or run's default."
+    )
+    verify: str | None = Field(
+        default=None,
+        description="Shell command run in the worktree after the session; overrides the plan's.",
+    )
+
+    @field_validator("depends_on")
+    @classmethod
+    def _no_self_dependency(cls, value: list[str]) -> list[str]:
+        return list(dict.fromkeys(value))
+
+
+class WorkerSettings(_Model):
+    """How a Claude Code session is run: model, permissions and the limits that stop it."""
+
+    model: str | None = Field(
+        default=None, description="Model name passed to Claude Code; None uses the CLI default."
+    )
+    fallback_model: str | None = Field(
+        default=None, description="Model Claude Code switches to when the main one is overloaded."
+    )
+    permission_policy: PermissionPolicy = Field(
+        default="safe",
+        description="'safe': only allow-listed tools, edits inside the worktree, a narrow set "
+        "of shell commands; 'read-only': Read/Grep/Glob only; 'container': bypassPermissions, "
+        "refused unless running inside a disposable container.",
+    )
+    allowed_tools: list[str] = Field(
+        default_factory=list,
+        description="Extra permission rules to allow, in Claude Code syntax, e.g. 'Bash(make:*)'.",
+    )
+    disallowed_tools: list[str] = Field(
+        default_factory=list, description="Permission rules to deny; these win over allowed ones."
+    )
+    max_turns: int = Field(default=40, ge=1, description="Stop the session after this many turns.")
+    max_budget_usd: float | None = Field(
+        default=2.0,
+        gt=0,
+        description="Stop the session once it has spent this much (checked after each turn).",
+    )
+    timeout_s: float = Field(
+        default=1800.0, gt=0, description="Wall-clock limit for the session, in seconds."
+    )
+    verify_timeout_s: float = Field(
+        default=900.0, gt=0, description="Wall-clock limit for the verify command, in seconds."
+    )
+    setting_sources: list[Literal["user", "project", "local"]] = Field(
+        default_factory=list,
+        description="Claude Code settings files to load; empty means none (no user hooks leak in).",
+    )
+
+    @property
+    def timeout(self) -> timedelta:
+        """The session's wall-clock limit as a timedelta."""
+        return timedelta(seconds=self.timeout_s)
+
+
+class TaskStatus(StrEnum):
+    """How a task ended."""
+
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    NO_CHANGES = "no_changes"
+    ERROR = "error"
+    SKIPPED = "skipped"
+
+
+class FailureReason(StrEnum):
+    """Why a task did not succeed; each limit has its own reason."""
+
+    MAX_TURNS = "max_turns"
+    BUDGET = "budget"
+    TIMEOUT = "timeout"
+    VERIFY_FAILED = "verify_failed"
+    VERIFY_TIMEOUT = "verify_timeout"
+    API_ERROR = "api_error"
+    SESSION_ERROR = "session_error"
+    DEPENDENCY_FAILED = "dependency_failed"
+    GIT_ERROR = "git_error"
+
+
+class FileChange(_Model):
+    """One file changed by a task, with line counts."""
+
+    path: str = Field(description="Repo-relative path of the file after the change.")
+    added: int = Field(ge=0, description="Lines added (0 for binary files).")
+    removed: int = Field(ge=0, description="Lines removed (0 for binary files).")
+    change: Literal["added", "modified", "deleted", "renamed"] = Field(
+        default="modified", description="What happened to the file."
+    )
+
+
+class TestReport(_Model):
+    """The outcome of a verify command."""
+
+    __test__ = False  # not a pytest test class
+
+    command: str = Field(description="The shell command that was run.")
+    exit_code: int | None = Field(description="Its exit code; None when it was killed.")
+    passed: int | None = Field(default=None, description="Tests passed (pytest output only).")
+    failed: int | None = Field(default=None, description="Tests failed or errored (pytest only).")
+    skipped: int | None = Field(default=None, description="Tests skipped (pytest output only).")
+    duration_s: float = Field(default=0.0, description="Wall-clock time of the command.")
+    timed_out: bool = Field(default=False, description="True when killed at the verify timeout.")
+    output_tail: str = Field(default="", description="The last lines of combined stdout/stderr.")
+
+    @property
+    def ok(self) -> bool:
+        """True when the command exited 0 within its time limit."""
+        return self.exit_code == 0 and not self.timed_out
+
+
+class TokenUsage(_Model):
+    """Tokens a session used, as reported by Claude Code."""
+
+    input_tokens: int = Field(default=0, description="Uncached input tokens.")
+    output_tokens: int = Field(default=0, description="Output tokens.")
+    cache_creation_input_tokens: int = Field(default=0, description="Tokens written to the cache.")
+    cache_read_input_tokens: int = Field(default=0, description="Tokens read from the cache.")
+
+    @property
+    def total(self) -> int:
+        """All tokens, cached or not."""
+        return (
+            self.input_tokens
+            + self.output_tokens
+            + self.cache_creation_input_tokens
+            + self.cache_read_input_tokens
+        )
+
+    def __add__(self, other: TokenUsage) -> TokenUsage:
+        return TokenUsage(
+            input_tokens=self.input_tokens + other.input_tokens,
+            output_tokens=self.output_tokens + other.output_tokens,
+            cache_creation_input_tokens=self.cache_creation_input_tokens
+            + other.cache_creation_input_tokens,
+            cache_read_input_tokens=self.cache_read_input_tokens + other.cache_read_input_tokens,
+        )
+
+
+class DeniedTool(_Model):
+    """A tool call the permission policy refused."""
+
+    tool_name: str = Field(description="The tool Claude tried to use.")
+    tool_input: dict[str, object] = Field(
+        default_factory=dict, description="The input it was called with (secrets redacted)."
+    )
+
+
+class TaskResult(_Model):
+    """Everything a worker produced for one task."""
+
+    id: str = Field(description="The task id.")
+    title: str = Field(default="", description="The task title.")
+    kind: TaskKind = Field(default="other", description="The task kind.")
+    status: TaskStatus = Field(description="How the task ended.")
+    failure_reason: FailureReason | None = Field(
+        default=None, description="Machine-readable reason when status is not succeeded."
+    )
+    error: str | None = Field(
+        default=None, description="What went wrong, in words a person can act on."
+    )
+    branch: str | None = Field(default=None, description="The task branch holding its commit.")
+    base_commit: str = Field(description="The commit the task started from.")
+    head_commit: str | None = Field(
+        default=None, description="The task branch's head; equals base_commit when nothing changed."
+    )
+    files: list[FileChange] = Field(default_factory=list, description="Files the task changed.")
+    diff: str = Field(default="", description="Unified diff of the task's commit (may be capped).")
+    diff_truncated: bool = Field(default=False, description="True when the diff was capped.")
+    test_report: TestReport | None = Field(
+        default=None, description="The verify command's outcome, if one ran."
+    )
+    session_id: str | None = Field(default=None, description="Claude Code session id.")
+    turns: int = Field(default=0, description="Conversation turns the session took.")
+    cost_usd: float = Field(default=0.0, description="Cost reported by Claude Code, in USD.")
+    usage: TokenUsage = Field(default_factory=TokenUsage, description="Token usage.")
+    duration_s: float = Field(default=0.0, description="Wall-clock time of the whole task.")
+    permission_denials: list[DeniedTool] = Field(
+        default_factory=list, description="Tool calls the permission policy refused."
+    )
+    worktree: str | None = Field(
+        default=None, description="Path of the worktree the task ran in, if it still exists."
+    )
+
+    @property
+    def added(self) -> int:
+        """Lines added across all files."""
+        return sum(f.added for f in self.files)
+
+    @property
+    def removed(self) -> int:
+        """Lines removed across all files."""
+        return sum(f.removed for f in self.files)
+
+
+def is_valid_task_id(value: str) -> bool:
+    """True when ``value`` may be used as a task id."""
+    return re.fullmatch(TASK_ID_PATTERN, value) is not None

@@ -1,0 +1,1 @@
+"""Prefect flows: the orchestration layer of ClaudeCluster (thin, the work is in tasks)."""

@@ -1,0 +1,1 @@
+"""Prefect tasks: the units of work a ClaudeCluster flow orchestrates."""

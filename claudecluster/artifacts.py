@@ -9,10 +9,16 @@ from __future__ import annotations
 
 import re
 
-from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.artifacts import (
+    acreate_markdown_artifact,
+    acreate_table_artifact,
+    create_markdown_artifact,
+    create_table_artifact,
+)
 
 from claudecluster.gitops import cap_text
-from claudecluster.models import TaskResult
+from claudecluster.models import RunReport, TaskResult
+from claudecluster.plan import Plan
 from claudecluster.redact import redact
 
 ARTIFACT_DIFF_CAP_BYTES = 60_000
@@ -72,15 +78,117 @@ def test_rows(result: TaskResult) -> list[dict[str, object]]:
     ]
 
 
-def publish_task_artifacts(result: TaskResult, run_id: str) -> None:
+async def publish_task_artifacts(result: TaskResult, run_id: str) -> None:
     """Create the diff and test-report artifacts of one task in the current run context."""
-    create_markdown_artifact(
+    await acreate_markdown_artifact(
         key=artifact_key(run_id, result.id, "diff"),
         markdown=diff_markdown(result),
         description=f"Diff of task {result.id}",
     )
-    create_table_artifact(
+    await acreate_table_artifact(
         key=artifact_key(run_id, result.id, "tests"),
         table=test_rows(result),
         description=f"Test report of task {result.id}",
+    )
+
+
+def plan_markdown(plan: Plan) -> str:
+    """The plan as a markdown artifact body."""
+    lines = [f"# Plan: {plan.goal or '(no goal)'}", ""]
+    if plan.verify:
+        lines += [f"Verify: `{plan.verify}`", ""]
+    lines += ["| id | kind | title | paths | depends on |", "|---|---|---|---|---|"]
+    for task in plan.tasks:
+        lines.append(
+            f"| `{task.id}` | {task.kind} | {task.title} | {', '.join(task.paths) or '-'} | "
+            f"{', '.join(task.depends_on) or '-'} |"
+        )
+    return redact("\n".join(lines))
+
+
+def run_table_rows(report: RunReport) -> list[dict[str, object]]:
+    """One row per task for the run-level table artifact."""
+    rows: list[dict[str, object]] = []
+    unmerged = {u.id for u in report.unmerged}
+    for result in report.tasks:
+        tests = "-"
+        if result.test_report is not None:
+            t = result.test_report
+            tests = (
+                f"{t.passed} passed, {t.failed} failed"
+                if t.passed is not None
+                else ("ok" if t.ok else f"exit {t.exit_code}")
+            )
+        rows.append(
+            {
+                "task": result.id,
+                "kind": result.kind,
+                "status": str(result.status) + (" (unmerged)" if result.id in unmerged else ""),
+                "files": len(result.files),
+                "+lines": result.added,
+                "-lines": result.removed,
+                "tests": tests,
+                "turns": result.turns,
+                "cost_usd": round(result.cost_usd, 4),
+                "duration_s": round(result.duration_s, 1),
+            }
+        )
+    return rows
+
+
+def run_summary_markdown(report: RunReport, plan: Plan | None) -> str:
+    """The run's markdown summary: goal, plan, branch, final verify, totals."""
+    verdict = "succeeded" if report.status == "succeeded" else "FAILED"
+    lines = [
+        f"# ClaudeCluster run {report.run_id}: {verdict}",
+        "",
+        f"**Goal:** {report.goal}",
+        "",
+        f"**Repository:** `{report.repo}` · base `{report.base_commit[:12]}`",
+        "",
+        f"**Integration branch:** `{report.integration_branch or '-'}` · head "
+        f"`{(report.head_commit or '-')[:12]}`",
+        "",
+    ]
+    if report.error:
+        lines += [f"> {report.error}", ""]
+    if report.final_verify is not None:
+        fv = report.final_verify
+        counts = f" ({fv.passed} passed, {fv.failed} failed)" if fv.passed is not None else ""
+        lines += [
+            f"**Final verify:** `{fv.command}` {'passed' if fv.ok else 'FAILED'}{counts}",
+            "",
+        ]
+    if plan is not None:
+        lines += ["## Plan", ""]
+        for task in plan.tasks:
+            after = f" (after {', '.join(task.depends_on)})" if task.depends_on else ""
+            lines.append(f"- `{task.id}` {task.kind}: {task.title}{after}")
+        lines.append("")
+    if report.unmerged:
+        lines += ["## Not merged", ""]
+        lines += [f"- `{u.id}` ({u.branch or 'no branch'}): {u.reason}" for u in report.unmerged]
+        lines.append("")
+    totals = report.totals
+    lines += [
+        "## Totals",
+        "",
+        f"- tasks: {len(report.tasks)}, cost ${totals.cost_usd:.4f}, tokens {totals.tokens}, "
+        f"turns {totals.turns}",
+        f"- lines +{totals.added} / -{totals.removed}, duration {totals.duration_s:.1f} s",
+    ]
+    return redact("\n".join(lines))
+
+
+def publish_run_artifacts(report: RunReport, plan: Plan | None) -> None:
+    """Create the run-level table and summary artifacts in the current run context."""
+    create_table_artifact(
+        key=artifact_key(report.run_id, "tasks"),
+        table=run_table_rows(report) or [{"task": "-", "status": "no tasks ran"}],
+        description=f"Tasks of run {report.run_id}",
+    )
+    create_markdown_artifact(
+        key=artifact_key(report.run_id, "summary"),
+        markdown=run_summary_markdown(report, plan),
+        description=f"Summary of run {report.run_id}",
     )

@@ -14,30 +14,13 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from claudecluster.errors import ClaudeClusterError, ConfigError, UsageError
+from claudecluster import api
+from claudecluster.errors import ClaudeClusterError, UsageError
 from claudecluster.models import TaskResult, TaskSpec, TaskStatus, WorkerSettings
 
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
-
-_CREDENTIAL_VARS = (
-    "ANTHROPIC_API_KEY",
-    "ANTHROPIC_AUTH_TOKEN",
-    "CLAUDE_CODE_OAUTH_TOKEN",
-    "CLAUDE_CODE_USE_BEDROCK",
-    "CLAUDE_CODE_USE_VERTEX",
-)
-
-
-def require_credentials() -> None:
-    """Fail fast when no session could authenticate (each runs with a fresh config dir)."""
-    if not any(os.environ.get(name) for name in _CREDENTIAL_VARS):
-        raise ConfigError(
-            "no Anthropic credentials: ANTHROPIC_API_KEY is not set",
-            hint="Export ANTHROPIC_API_KEY (and ANTHROPIC_BASE_URL for another endpoint), "
-            "or try `claudecluster demo`, which needs no key.",
-        )
 
 
 def _positive_int(text: str) -> int:
@@ -99,22 +82,6 @@ def settings_from_args(args: argparse.Namespace) -> WorkerSettings:
     return settings
 
 
-def connect_backend(args: argparse.Namespace, *, quiet: bool = False) -> str | None:
-    """Point this process at a Prefect backend; return its UI base URL when it has one."""
-    from claudecluster import prefect_server
-
-    if getattr(args, "ephemeral", False):
-        prefect_server.use_ephemeral()
-        return None
-    if not quiet and not os.environ.get("PREFECT_API_URL"):
-        status = prefect_server.server_status()
-        if status is None:
-            print("Starting the local Prefect server (first use only)...", file=sys.stderr)
-    info = prefect_server.ensure_server()
-    prefect_server.use_server(info)
-    return info.ui_url
-
-
 def _cmd_task(args: argparse.Namespace) -> int:
     import anyio
 
@@ -125,7 +92,7 @@ def _cmd_task(args: argparse.Namespace) -> int:
         raise UsageError("the prompt is empty", hint="Pass --prompt with the task to do.")
     repo = gitops.open_repo(args.repo)
     base = gitops.resolve_commit(repo, args.base)
-    require_credentials()
+    api.require_credentials()
     settings = settings_from_args(args)
     spec = TaskSpec(
         id=args.id,
@@ -134,7 +101,8 @@ def _cmd_task(args: argparse.Namespace) -> int:
         kind=args.kind,
     )
     run_id = new_run_id()
-    connect_backend(args, quiet=args.json)
+    _announce_server(args)
+    api.connect(ephemeral=args.ephemeral)
     from claudecluster.flows.single_task import single_task_flow
 
     async def _run() -> TaskResult:
@@ -150,6 +118,131 @@ def _cmd_task(args: argparse.Namespace) -> int:
 
         print_task_result(result)
     return EXIT_OK if result.status in (TaskStatus.SUCCEEDED, TaskStatus.NO_CHANGES) else 1
+
+
+def _announce_server(args: argparse.Namespace) -> None:
+    """Say so before a cold start of the local server, which takes a few seconds."""
+    from claudecluster import prefect_server
+
+    if args.ephemeral or os.environ.get("PREFECT_API_URL"):
+        return
+    if prefect_server.server_status() is None:
+        print("Starting the local Prefect server (first use only)...", file=sys.stderr)
+
+
+def _read_goal(args: argparse.Namespace) -> str | None:
+    goal: str | None = args.goal
+    if goal == "-":
+        goal = sys.stdin.read()
+    return goal
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from claudecluster.progress import listen
+    from claudecluster.report import LiveProgress, print_run_report
+
+    goal = _read_goal(args)
+    if args.plan is None and not (goal or "").strip():
+        raise UsageError("the goal is empty", hint='Pass a goal: claudecluster run "GOAL" --repo .')
+    settings = settings_from_args(args)
+    kwargs = {
+        "plan_file": args.plan,
+        "verify": args.verify,
+        "max_parallel": args.max_parallel,
+        "max_tasks": args.max_tasks,
+        "settings": settings,
+        "base": args.base,
+        "ephemeral": args.ephemeral,
+    }
+    _announce_server(args)
+    if args.json or not sys.stderr.isatty():
+        report = api.run_goal(goal, args.repo, **kwargs)  # type: ignore[arg-type]
+    else:
+        with LiveProgress() as display, listen(display):
+            report = api.run_goal(goal, args.repo, **kwargs)  # type: ignore[arg-type]
+    if args.json:
+        print(report.model_dump_json(indent=2))
+    else:
+        print_run_report(report)
+    return EXIT_OK if report.status == "succeeded" else EXIT_FAILED
+
+
+def _cmd_plan(args: argparse.Namespace) -> int:
+    import anyio
+
+    from claudecluster import gitops
+    from claudecluster.plan import dump_plan
+    from claudecluster.planner import run_planner
+    from claudecluster.worker import default_worktree_root
+
+    goal = api.check_goal(_read_goal(args) or "")
+    repo = gitops.open_repo(args.repo)
+    base = gitops.resolve_commit(repo, args.base)
+    api.require_credentials()
+    settings = settings_from_args(args)
+
+    async def _plan() -> str:
+        plan, outcome = await run_planner(
+            goal,
+            repo.working_dir,
+            base,
+            settings,
+            max_tasks=args.max_tasks or 12,
+            verify=args.verify,
+            worktree_root=default_worktree_root() / "planning",
+            log=(lambda line: print(line, file=sys.stderr)) if args.verbose else None,
+        )
+        print(
+            f"planned {len(plan.tasks)} tasks in {outcome.turns} turns, ${outcome.cost_usd:.4f}",
+            file=sys.stderr,
+        )
+        return dump_plan(plan, as_json=args.json)
+
+    text = anyio.run(_plan)
+    if args.out:
+        Path(args.out).write_text(text)
+        print(f"wrote the plan to {args.out}; run it with --plan {args.out}", file=sys.stderr)
+    else:
+        sys.stdout.write(text)
+    return EXIT_OK
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from claudecluster.demo import DEMO_GOAL, DemoModel, create_sample_project, new_demo_dir
+    from claudecluster.progress import listen
+    from claudecluster.report import LiveProgress, print_run_report
+
+    directory = Path(args.dir).resolve() if args.dir else new_demo_dir()
+    repo = create_sample_project(directory)
+    print("ClaudeCluster demo -- SCRIPTED MODEL: the model's answers are canned; the Claude Code")
+    print("CLI, git, Prefect and the tests are real. Set ANTHROPIC_API_KEY and use")
+    print("`claudecluster run` to do the same with a real model.")
+    print(f"\nSample project: {repo}\nGoal: {DEMO_GOAL}\n")
+    _announce_server(args)
+    with DemoModel(latency_s=args.latency) as model:
+        settings = WorkerSettings(model=args.model) if args.model else WorkerSettings()
+        call = lambda: api.run_goal(  # noqa: E731
+            DEMO_GOAL,
+            repo,
+            verify=model.verify,
+            max_parallel=args.max_parallel,
+            settings=settings,
+            ephemeral=args.ephemeral,
+        )
+        if sys.stderr.isatty():
+            with LiveProgress() as display, listen(display):
+                report = call()
+        else:
+            report = call()
+    print_run_report(report)
+    print("\nWhere to look:")
+    print(f"  merged work:  git -C {repo} log --oneline --graph {report.integration_branch}")
+    print(f"  task branches: git -C {repo} branch --list 'claudecluster/{report.run_id}/*'")
+    if report.ui_url:
+        base = report.ui_url.split("/runs/")[0]
+        print(f"  run + graph:  {report.ui_url}")
+        print(f"  artifacts:    {base}/artifacts (diffs, test reports, run table, summary)")
+    return EXIT_OK if report.status == "succeeded" else EXIT_FAILED
 
 
 def _cmd_server(args: argparse.Namespace) -> int:
@@ -191,9 +284,53 @@ def build_parser() -> argparse.ArgumentParser:
         "--kind", default="other", choices=["scaffold", "refactor", "test", "docs", "other"]
     )
     task.add_argument("--json", action="store_true", help="print the TaskResult as JSON only")
+    task.add_argument("--verbose", action="store_true", help="show Prefect's logs too")
     add_session_options(task)
     add_backend_options(task)
     task.set_defaults(handler=_cmd_task)
+
+    run = sub.add_parser("run", help="run a goal: plan, run workers, merge, verify, report")
+    run.add_argument("goal", nargs="?", help="what to achieve ('-' reads it from stdin)")
+    run.add_argument("--repo", required=True, help="path of the git repository")
+    run.add_argument("--plan", help="plan file (YAML or JSON) to run instead of planning")
+    run.add_argument("--verify", help="command that checks the work (overrides the plan's)")
+    run.add_argument(
+        "--max-parallel",
+        type=_positive_int,
+        help=f"concurrent sessions (default {api.default_parallelism()} on this machine)",
+    )
+    run.add_argument("--max-tasks", type=_positive_int, help="most tasks the planner may plan")
+    run.add_argument("--base", help="commit to start from (default: HEAD)")
+    run.add_argument("--json", action="store_true", help="print the RunReport as JSON only")
+    run.add_argument("--verbose", action="store_true", help="show Prefect's logs too")
+    add_session_options(run)
+    add_backend_options(run)
+    run.set_defaults(handler=_cmd_run)
+
+    plan = sub.add_parser("plan", help="plan a goal and print the plan, without running it")
+    plan.add_argument("goal", help="what to achieve ('-' reads it from stdin)")
+    plan.add_argument("--repo", required=True, help="path of the git repository")
+    plan.add_argument("--out", help="write the plan to this file instead of stdout")
+    plan.add_argument("--json", action="store_true", help="JSON instead of YAML")
+    plan.add_argument("--verify", help="verify command to put in the plan")
+    plan.add_argument("--max-tasks", type=_positive_int, help="most tasks to plan (default 12)")
+    plan.add_argument("--base", help="commit to plan from (default: HEAD)")
+    plan.add_argument("--verbose", action="store_true", help="show the planner session")
+    add_session_options(plan)
+    plan.set_defaults(handler=_cmd_plan)
+
+    demo = sub.add_parser(
+        "demo", help="run a real goal on a sample project with a SCRIPTED model (no key needed)"
+    )
+    demo.add_argument("--dir", help="where to create the sample project (default: a temp dir)")
+    demo.add_argument(
+        "--latency", type=float, default=0.2, help="seconds the scripted model takes per answer"
+    )
+    demo.add_argument("--max-parallel", type=_positive_int, default=3, help="concurrent sessions")
+    demo.add_argument("--model", help="model name the sessions report (priced by Claude Code)")
+    demo.add_argument("--verbose", action="store_true", help="show Prefect's logs too")
+    add_backend_options(demo)
+    demo.set_defaults(handler=_cmd_demo)
 
     server = sub.add_parser("server", help="manage the local Prefect server")
     server.add_argument("action", choices=["status", "start", "stop"])
@@ -205,6 +342,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``claudecluster`` console script."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    if not getattr(args, "verbose", False):
+        # Prefect's console logs would scroll past the live display; they still reach the UI.
+        os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "WARNING")
     handler: Callable[[argparse.Namespace], int] = args.handler
     try:
         return handler(args)

@@ -256,3 +256,90 @@ def cap_text(text: str, max_bytes: int) -> tuple[str, bool]:
     cut_lines = text.count("\n") - kept.count("\n")
     cut_bytes = len(raw) - len(kept.encode())
     return kept + f"\n[... {cut_lines} more lines ({cut_bytes} bytes) cut ...]\n", True
+
+
+class MergeConflictError(GitError):
+    """Merging a branch conflicted; the merge was aborted and nothing was lost."""
+
+    def __init__(self, branch: str, files: list[str]) -> None:
+        super().__init__(
+            f"merging {branch} conflicts in {', '.join(files) or 'the tree'}",
+            command=f"git merge {branch}",
+        )
+        self.branch = branch
+        self.files = files
+
+
+def _identity(*args: str) -> tuple[str, ...]:
+    return (
+        "-c",
+        f"user.name={AUTHOR_NAME}",
+        "-c",
+        f"user.email={AUTHOR_EMAIL}",
+        "-c",
+        "commit.gpgsign=false",
+        *args,
+    )
+
+
+def merge_branch(worktree: git.Repo, branch: str, message: str, *, no_ff: bool = True) -> str:
+    """Merge ``branch`` into the worktree's HEAD; abort and raise MergeConflictError on conflict."""
+    flags = ["--no-ff"] if no_ff else ["--ff"]
+    try:
+        _git(worktree, *_identity("merge", "--quiet", "--no-verify", *flags, "-m", message, branch))
+    except GitError as exc:
+        conflicted = [
+            line
+            for line in _git(worktree, "diff", "--name-only", "--diff-filter=U").splitlines()
+            if line.strip()
+        ]
+        try:
+            _git(worktree, "merge", "--abort")
+        except GitError:
+            _git(worktree, "reset", "--hard", "--quiet", "HEAD")
+        if conflicted:
+            raise MergeConflictError(branch, conflicted) from exc
+        raise
+    return str(worktree.head.commit.hexsha)
+
+
+@contextmanager
+def scratch_worktree(repo: git.Repo, root: Path, name: str, commit: str) -> Iterator[git.Repo]:
+    """A detached worktree at ``commit`` that is removed afterwards."""
+    path = root / name
+    if path.exists():
+        remove_worktree(repo, path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _git(repo, "worktree", "add", "--quiet", "--detach", str(path), commit)
+    try:
+        yield git.Repo(path)
+    finally:
+        remove_worktree(repo, path)
+
+
+def combine_branches(
+    repo: git.Repo, base: str, branches: list[str], *, root: Path, name: str
+) -> str:
+    """A commit holding ``base`` plus the work of ``branches``, for a task to start from.
+
+    One branch fast-forwards (no extra commit); several are merged one after another. Raises
+    MergeConflictError when they do not combine cleanly.
+    """
+    if not branches:
+        return base
+    if len(branches) == 1 and is_ancestor(repo, base, branches[0]):
+        return resolve_commit(repo, branches[0])
+    with scratch_worktree(repo, root, name, base) as scratch:
+        head = base
+        for branch in branches:
+            head = merge_branch(scratch, branch, f"Combine {branch}", no_ff=False)
+        return head
+
+
+def is_ancestor(repo: git.Repo, ancestor: str, descendant: str) -> bool:
+    """True when ``ancestor`` is reachable from ``descendant``."""
+    try:
+        repo.git.merge_base("--is-ancestor", ancestor, descendant)
+    except GitCommandError:
+        return False
+    return True

@@ -245,3 +245,64 @@ class TaskResult(_Model):
 def is_valid_task_id(value: str) -> bool:
     """True when ``value`` may be used as a task id."""
     return re.fullmatch(TASK_ID_PATTERN, value) is not None
+
+
+class UnmergedTask(_Model):
+    """A task whose branch was kept but not merged into the integration branch."""
+
+    id: str = Field(description="The task id.")
+    branch: str | None = Field(default=None, description="The task branch, kept intact.")
+    reason: str = Field(description="Why it was not merged, in words a person can act on.")
+    conflicting_files: list[str] = Field(
+        default_factory=list, description="Files that conflicted, when the merge conflicted."
+    )
+
+
+class RunTotals(_Model):
+    """Totals over every task of a run."""
+
+    cost_usd: float = Field(default=0.0, description="Cost of every session, planner included.")
+    usage: TokenUsage = Field(default_factory=TokenUsage, description="Tokens of every session.")
+    tokens: int = Field(default=0, description="All tokens, cached or not.")
+    duration_s: float = Field(default=0.0, description="Wall-clock time of the whole run.")
+    turns: int = Field(default=0, description="Turns of every session.")
+    files_changed: int = Field(default=0, description="Distinct files changed by merged tasks.")
+    added: int = Field(default=0, description="Lines added by all tasks.")
+    removed: int = Field(default=0, description="Lines removed by all tasks.")
+
+
+class RunStatus(StrEnum):
+    """How a whole run ended."""
+
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+
+
+class RunReport(_Model):
+    """The outcome of one goal: what was planned, done, merged and verified."""
+
+    run_id: str = Field(description="The run id; branches are named after it.")
+    goal: str = Field(description="The goal as given.")
+    status: RunStatus = Field(
+        description="succeeded only if every task succeeded, all merged and final verify passed."
+    )
+    repo: str = Field(description="The repository the run worked on.")
+    base_commit: str = Field(description="The commit every task started from.")
+    integration_branch: str | None = Field(
+        default=None, description="The branch holding the merged work."
+    )
+    head_commit: str | None = Field(default=None, description="Head of the integration branch.")
+    final_verify: TestReport | None = Field(
+        default=None, description="The verify command on the integration branch, if any ran."
+    )
+    tasks: list[TaskResult] = Field(default_factory=list, description="One result per task.")
+    unmerged: list[UnmergedTask] = Field(
+        default_factory=list, description="Tasks whose branches were kept but not merged."
+    )
+    planner: TaskResult | None = Field(
+        default=None, description="The planner session's cost and usage, when the LLM planned."
+    )
+    totals: RunTotals = Field(default_factory=RunTotals, description="Totals over all tasks.")
+    flow_run_id: str | None = Field(default=None, description="The Prefect flow run id.")
+    ui_url: str | None = Field(default=None, description="Link to the run in the Prefect UI.")
+    error: str | None = Field(default=None, description="Why the run failed as a whole, if so.")

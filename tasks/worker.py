@@ -1,7 +1,8 @@
 """The worker task: one Claude Code session on one TaskSpec, as a Prefect task run.
 
 Its log carries the session's messages as they happen (assistant text, tool calls, tool
-results, the final result); its artifacts carry the diff and the test report.
+results, the final result); its artifacts carry the diff and the test report. Given the
+results of the tasks it depends on, it starts from the base commit plus their merged work.
 """
 
 from __future__ import annotations
@@ -11,9 +12,10 @@ from pathlib import Path
 from prefect import get_run_logger, task
 from prefect.cache_policies import NONE
 
+from claudecluster import gitops
 from claudecluster.artifacts import publish_task_artifacts
-from claudecluster.models import TaskResult, TaskSpec, WorkerSettings
-from claudecluster.worker import execute_task
+from claudecluster.models import FailureReason, TaskResult, TaskSpec, TaskStatus, WorkerSettings
+from claudecluster.worker import default_worktree_root, execute_task
 
 
 @task(name="claude-worker", task_run_name="{spec.id}", cache_policy=NONE)
@@ -24,24 +26,48 @@ async def run_worker(
     settings: WorkerSettings,
     run_id: str,
     verify: str | None = None,
+    dependencies: list[TaskResult] | None = None,
     worktree_root: str | None = None,
     keep_worktree: bool = False,
 ) -> TaskResult:
     """Run one task in its own worktree and branch; return its TaskResult."""
     logger = get_run_logger()
     logger.info("task %s: %s", spec.id, spec.title)
-    result = await execute_task(
-        repo,
-        base_commit,
-        spec,
-        settings,
-        run_id,
-        verify=verify,
-        worktree_root=Path(worktree_root) if worktree_root else None,
-        keep_worktree=keep_worktree,
-        log=logger.info,
-    )
-    publish_task_artifacts(result, run_id)
+    root = Path(worktree_root) if worktree_root else default_worktree_root()
+    dep_branches = [dep.branch for dep in dependencies or [] if dep.branch]
+    try:
+        start = gitops.combine_branches(
+            gitops.open_repo(repo),
+            base_commit,
+            dep_branches,
+            root=root / run_id,
+            name=f"{spec.id}-base",
+        )
+    except gitops.MergeConflictError as conflict:
+        result = TaskResult(
+            id=spec.id,
+            title=spec.title,
+            kind=spec.kind,
+            status=TaskStatus.ERROR,
+            failure_reason=FailureReason.DEPENDENCY_FAILED,
+            error=f"the work of its dependencies does not combine: {conflict.message}",
+            base_commit=base_commit,
+        )
+    else:
+        if start != base_commit:
+            logger.info("starting from %s (base plus %s)", start[:12], ", ".join(dep_branches))
+        result = await execute_task(
+            repo,
+            start,
+            spec,
+            settings,
+            run_id,
+            verify=verify,
+            worktree_root=root,
+            keep_worktree=keep_worktree,
+            log=logger.info,
+        )
+    await publish_task_artifacts(result, run_id)
     logger.info(
         "task %s %s: %d files, +%d/-%d, %d turns, $%.4f%s",
         spec.id,

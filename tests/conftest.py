@@ -107,9 +107,23 @@ def worktree_root(tmp_path: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
-def prefect_backend() -> Iterator[None]:
-    """A real Prefect server for the session (Prefect's test harness: one SQLite server)."""
+def prefect_backend() -> Iterator[str]:
+    """A real Prefect server for the session: Prefect's test harness (one SQLite server).
+
+    Its URL is exported as ``PREFECT_API_URL`` too, so ClaudeCluster's own backend selection
+    and any CLI subprocess use this server instead of starting the embedded one.
+    """
+    from prefect.settings import PREFECT_API_URL
     from prefect.testing.utilities import prefect_test_harness
 
+    saved = os.environ.get("PREFECT_API_URL")
     with prefect_test_harness(server_startup_timeout=120):
-        yield
+        url = str(PREFECT_API_URL.value())
+        os.environ["PREFECT_API_URL"] = url
+        try:
+            yield url
+        finally:
+            if saved is None:
+                os.environ.pop("PREFECT_API_URL", None)
+            else:
+                os.environ["PREFECT_API_URL"] = saved

@@ -1,0 +1,146 @@
+"""The Python API: ``run_goal`` runs a goal end to end and returns its RunReport.
+
+The CLI is a thin layer over this module. Everything a user can get wrong is checked before
+anything starts (the repository, the plan, the limits, the credentials), so bad input raises
+a :class:`~claudecluster.errors.UsageError` and changes nothing.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from claudecluster import gitops, prefect_server
+from claudecluster.errors import ConfigError, UsageError
+from claudecluster.models import RunReport, WorkerSettings
+from claudecluster.plan import Plan, load_plan_file, validate_plan
+from claudecluster.prefect_server import ServerInfo
+
+MAX_GOAL_CHARS = 20_000
+
+_CREDENTIAL_VARS = (
+    "ANTHROPIC_API_KEY",
+    "ANTHROPIC_AUTH_TOKEN",
+    "CLAUDE_CODE_OAUTH_TOKEN",
+    "CLAUDE_CODE_USE_BEDROCK",
+    "CLAUDE_CODE_USE_VERTEX",
+)
+
+
+def require_credentials() -> None:
+    """Fail fast when no session could authenticate (each runs with a fresh config dir)."""
+    if not any(os.environ.get(name) for name in _CREDENTIAL_VARS):
+        raise ConfigError(
+            "no Anthropic credentials: ANTHROPIC_API_KEY is not set",
+            hint="Export ANTHROPIC_API_KEY (and ANTHROPIC_BASE_URL for another endpoint), "
+            "or try `claudecluster demo`, which needs no key.",
+        )
+
+
+def check_goal(goal: str) -> str:
+    """The goal, stripped; UsageError when it is empty or absurdly long."""
+    text = goal.strip()
+    if not text:
+        raise UsageError("the goal is empty", hint="Say what the run should achieve.")
+    if len(text) > MAX_GOAL_CHARS:
+        raise UsageError(
+            f"the goal is {len(text)} characters long, more than {MAX_GOAL_CHARS}",
+            hint="State the goal briefly; put detailed instructions in a plan file (--plan).",
+        )
+    return text
+
+
+def default_parallelism() -> int:
+    """Concurrent sessions that suit this machine: about two per core, at least 2, at most 8.
+
+    A session costs ~0.5-1 s of CPU to start and ~200 MB of memory; the rest is waiting on
+    the model.
+    """
+    return max(2, min(8, 2 * (os.cpu_count() or 1)))
+
+
+def prepare_plan(
+    repo: Path, *, plan: Plan | None, plan_file: str | Path | None, max_tasks: int | None
+) -> Plan | None:
+    """Load and validate a given plan against ``repo``; None when the planner should plan."""
+    if plan_file is not None:
+        plan = load_plan_file(plan_file)
+    if plan is None:
+        return None
+    return validate_plan(plan, repo, max_tasks=max_tasks or 1000)
+
+
+def run_goal(
+    goal: str | None,
+    repo: str | Path,
+    *,
+    plan: Plan | None = None,
+    plan_file: str | Path | None = None,
+    verify: str | None = None,
+    max_parallel: int | None = None,
+    max_tasks: int | None = None,
+    settings: WorkerSettings | None = None,
+    base: str | None = None,
+    run_id: str | None = None,
+    ephemeral: bool = False,
+    worktree_root: str | Path | None = None,
+) -> RunReport:
+    """Run a goal end to end (plan, workers, merge, verify, report) and return its report.
+
+    ``goal`` may be None when the plan (file) states it. With neither ``plan`` nor
+    ``plan_file`` the LLM planner plans. The run uses ``PREFECT_API_URL`` when set, else the
+    local ClaudeCluster Prefect server (started on first use), or Prefect's throwaway
+    backend with ``ephemeral=True``.
+    """
+    from claudecluster.worker import new_run_id
+
+    if max_parallel is not None and max_parallel < 1:
+        raise UsageError(
+            f"max_parallel must be at least 1, got {max_parallel}",
+            hint="Pass --max-parallel 1 or more.",
+        )
+    git_repo = gitops.open_repo(repo)
+    root = Path(git_repo.working_dir)
+    base_commit = gitops.resolve_commit(git_repo, base)
+    checked = prepare_plan(root, plan=plan, plan_file=plan_file, max_tasks=max_tasks)
+    goal_text = goal if goal and goal.strip() else (checked.goal if checked else None)
+    goal_text = check_goal(goal_text or "")
+    require_credentials()
+    server = connect(ephemeral=ephemeral)
+    from claudecluster.flows.goal import goal_flow
+
+    state = goal_flow(
+        goal=goal_text,
+        repo=str(root),
+        plan=checked,
+        verify=verify,
+        max_parallel=max_parallel or default_parallelism(),
+        max_tasks=max_tasks,
+        settings=settings or WorkerSettings(),
+        base_commit=base_commit,
+        run_id=run_id or new_run_id(),
+        worktree_root=str(worktree_root) if worktree_root else None,
+        return_state=True,
+    )
+    report = state.result(raise_on_failure=False)
+    if isinstance(report, BaseException):
+        raise report
+    if not isinstance(report, RunReport):
+        raise RuntimeError(f"the goal flow returned {type(report).__name__}, not a RunReport")
+    if server is not None and report.flow_run_id:
+        report.ui_url = prefect_server.flow_run_url(server, report.flow_run_id)
+    return report
+
+
+def connect(*, ephemeral: bool = False) -> ServerInfo | None:
+    """Point this process at a Prefect backend; return the server when it has a UI."""
+    from prefect.context import FlowRunContext
+
+    if FlowRunContext.get() is not None:
+        return None  # already inside a flow run (e.g. a deployment): keep its backend
+    if ephemeral:
+        prefect_server.use_ephemeral()
+        return None
+    info = prefect_server.ensure_server()
+    prefect_server.use_server(info)
+    return info

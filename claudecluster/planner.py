@@ -1,0 +1,131 @@
+"""The planner: a read-only Claude Code session that turns a goal into a validated Plan.
+
+It explores the repository at the base commit (in a scratch worktree, so nothing uncommitted
+of the user's is read) with Read, Grep and Glob only, and must answer through structured
+output constrained by :data:`PLAN_SCHEMA`. No structured output, or a plan that does not
+validate, is a :class:`~claudecluster.errors.PlannerError`, never an empty success.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from pathlib import Path
+from typing import Any
+
+from claudecluster import gitops
+from claudecluster.errors import PlanError, PlannerError
+from claudecluster.models import TASK_ID_PATTERN, WorkerSettings
+from claudecluster.permissions import permissions_for
+from claudecluster.plan import Plan, parse_plan, validate_plan
+from claudecluster.session import Logger, SessionOutcome, run_session
+
+PLAN_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "properties": {
+        "verify": {
+            "type": "string",
+            "description": "Shell command that checks the work, e.g. 'python -m pytest -q'; "
+            "empty if the repository has no tests.",
+        },
+        "tasks": {
+            "type": "array",
+            "minItems": 1,
+            "items": {
+                "type": "object",
+                "properties": {
+                    "id": {"type": "string", "pattern": TASK_ID_PATTERN},
+                    "kind": {
+                        "type": "string",
+                        "enum": ["scaffold", "refactor", "test", "docs", "other"],
+                    },
+                    "title": {"type": "string"},
+                    "prompt": {"type": "string"},
+                    "paths": {"type": "array", "items": {"type": "string"}},
+                    "depends_on": {"type": "array", "items": {"type": "string"}},
+                },
+                "required": ["id", "kind", "title", "prompt", "paths", "depends_on"],
+                "additionalProperties": False,
+            },
+        },
+    },
+    "required": ["tasks"],
+    "additionalProperties": False,
+}
+
+PLANNER_INSTRUCTIONS = """\
+You are the ClaudeCluster planner. You do not change anything: explore the repository with
+Read, Grep and Glob, then return a plan through the StructuredOutput tool. Each task of the
+plan will be done by a separate, unattended Claude Code session in its own git worktree,
+possibly at the same time as the others; their branches are merged afterwards.
+
+What makes a good task:
+- Well scoped: one coherent change a single session can finish and verify, e.g. one module
+  or one feature, not "the whole codebase".
+- Independent where possible: tasks that touch different files run in parallel. Only add a
+  depends_on when a task really needs another's result (e.g. tests for a module that a
+  scaffolding task creates). Never make two parallel tasks edit the same file.
+- Explicit about files: list in `paths` every file or folder the task will touch, relative
+  to the repository root.
+- Self-contained prompt: the worker sees only its own prompt, so say exactly what to change,
+  where, and how to check it.
+- Ids are short, lowercase, with dashes (e.g. `keys-docstring`); kinds are scaffold,
+  refactor, test, docs or other.
+Set `verify` to the command that runs the project's tests, if it has any."""
+
+
+def planner_prompt(goal: str, max_tasks: int) -> str:
+    """The planner session's prompt."""
+    return (
+        f"Goal: {goal.strip()}\n\n"
+        f"Plan this goal as at most {max_tasks} tasks for parallel Claude Code workers. "
+        "Explore the repository first, then answer with the StructuredOutput tool."
+    )
+
+
+async def run_planner(
+    goal: str,
+    repo_path: str | Path,
+    base_commit: str,
+    settings: WorkerSettings,
+    *,
+    max_tasks: int,
+    verify: str | None,
+    worktree_root: Path,
+    log: Logger | None = None,
+) -> tuple[Plan, SessionOutcome]:
+    """Plan ``goal`` on the repository at ``base_commit``; return the plan and the session."""
+    repo = gitops.open_repo(repo_path)
+    planner_settings = settings.model_copy(update={"permission_policy": "read-only"})
+    name = f"plan-{uuid.uuid4().hex[:8]}"
+    with gitops.scratch_worktree(repo, worktree_root, name, base_commit) as scratch:
+        outcome = await run_session(
+            planner_prompt(goal, max_tasks),
+            cwd=Path(scratch.working_dir),
+            settings=planner_settings,
+            permissions=permissions_for("read-only"),
+            system_prompt_append=PLANNER_INSTRUCTIONS,
+            output_format={"type": "json_schema", "schema": PLAN_SCHEMA},
+            log=log,
+        )
+    if not outcome.ok:
+        raise PlannerError(
+            f"the planner produced no plan: {outcome.error or outcome.failure_reason}",
+            hint="Retry, or write a plan file and pass it with --plan.",
+        )
+    data = outcome.structured_output
+    if isinstance(data, dict):
+        data = {**data, "goal": goal}
+        if verify is not None or not data.get("verify"):
+            data["verify"] = verify
+    try:
+        plan = parse_plan(data, source="from the planner")
+        plan = validate_plan(plan, Path(repo.working_dir), max_tasks=max_tasks)
+    except PlanError as exc:
+        raise PlannerError(
+            f"the planner's plan is invalid: {exc.message}",
+            hint="Retry, or save it with `claudecluster plan --out FILE`, fix it and pass --plan.",
+        ) from None
+    if log:
+        log("plan: " + json.dumps([task.id for task in plan.tasks]))
+    return plan, outcome

@@ -1,0 +1,283 @@
+"""The goal flow (the Driver): plan, run workers in parallel, integrate, verify, report.
+
+One goal is one Prefect flow run; the planner, every worker and the integration step are its
+task runs, so the graph, logs and artifacts show in the Prefect UI.
+
+Scheduling uses Prefect's machinery: workers are submitted to a ``ThreadPoolTaskRunner``
+whose width is ``max_parallel``, each receives its dependencies' futures (which draws the
+graph's edges and hands it their branches), and the flow reacts to completions with
+``as_completed``. A task is submitted only once it can start (its dependencies succeeded
+and no running task holds a lease on overlapping paths), because a submitted task waiting
+on upstream futures would occupy one of the ``max_parallel`` threads while it waits.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger
+from prefect.context import FlowRunContext
+from prefect.futures import PrefectFuture, as_completed
+from prefect.states import Completed, Failed, State
+from prefect.task_runners import ThreadPoolTaskRunner
+
+from claudecluster import gitops
+from claudecluster.artifacts import publish_run_artifacts
+from claudecluster.integrate import IntegrationOutcome
+from claudecluster.models import (
+    FailureReason,
+    RunReport,
+    RunStatus,
+    RunTotals,
+    TaskResult,
+    TaskSpec,
+    TaskStatus,
+    TokenUsage,
+    WorkerSettings,
+)
+from claudecluster.plan import Plan, ancestors, paths_overlap, topological_order, validate_plan
+from claudecluster.progress import RunProgress
+from claudecluster.tasks.integrate import integrate_branches
+from claudecluster.tasks.plan import plan_goal
+from claudecluster.tasks.worker import run_worker
+from claudecluster.worker import default_worktree_root, new_run_id
+
+DEFAULT_MAX_TASKS = 12
+# A plan file is the user's own decision; this only stops an accidental runaway.
+PLAN_FILE_MAX_TASKS = 1000
+
+
+def _skipped(spec: TaskSpec, base_commit: str, failed: list[str]) -> TaskResult:
+    return TaskResult(
+        id=spec.id,
+        title=spec.title,
+        kind=spec.kind,
+        status=TaskStatus.SKIPPED,
+        failure_reason=FailureReason.DEPENDENCY_FAILED,
+        error="skipped: dependency " + ", ".join(failed) + " did not succeed",
+        base_commit=base_commit,
+    )
+
+
+def _holds_lease(plan: Plan, candidate: TaskSpec, running: list[str]) -> str | None:
+    """The running task whose paths overlap ``candidate``'s, unless they are related."""
+    by_id = plan.by_id()
+    for other_id in running:
+        other = by_id[other_id]
+        related = other_id in ancestors(plan, candidate.id) or candidate.id in ancestors(
+            plan, other_id
+        )
+        if not related and paths_overlap(candidate.paths, other.paths):
+            return other_id
+    return None
+
+
+def run_tasks(
+    plan: Plan,
+    *,
+    repo: str,
+    base_commit: str,
+    settings: WorkerSettings,
+    run_id: str,
+    max_parallel: int,
+    worktree_root: str,
+    progress: RunProgress,
+) -> dict[str, TaskResult]:
+    """Run every task of ``plan`` as worker task runs; return results by task id."""
+    logger = get_run_logger()
+    pending = topological_order(plan)
+    futures: dict[str, PrefectFuture[TaskResult]] = {}
+    running: list[str] = []
+    results: dict[str, TaskResult] = {}
+    with ThreadPoolTaskRunner(max_workers=max_parallel) as runner:
+        while pending or running:
+            for spec in list(pending):
+                if len(running) >= max_parallel:
+                    break
+                if any(dep not in results for dep in spec.depends_on):
+                    continue
+                failed = [d for d in spec.depends_on if results[d].status != TaskStatus.SUCCEEDED]
+                if failed:
+                    pending.remove(spec)
+                    results[spec.id] = _skipped(spec, base_commit, failed)
+                    logger.warning("skipping %s: %s", spec.id, results[spec.id].error)
+                    progress.finished(results[spec.id])
+                    continue
+                if holder := _holds_lease(plan, spec, running):
+                    logger.info("%s waits: its paths overlap running task %s", spec.id, holder)
+                    continue
+                pending.remove(spec)
+                parameters: dict[str, Any] = {
+                    "repo": repo,
+                    "base_commit": base_commit,
+                    "spec": spec,
+                    "settings": settings,
+                    "run_id": run_id,
+                    "verify": spec.verify or plan.verify,
+                    "dependencies": [futures[d] for d in spec.depends_on],
+                    "worktree_root": worktree_root,
+                }
+                futures[spec.id] = runner.submit(run_worker, parameters)  # type: ignore[arg-type]
+                running.append(spec.id)
+                progress.started(spec.id)
+            if not running:
+                break  # everything left was skipped
+            finished = next(as_completed([futures[task_id] for task_id in running]))
+            task_id = next(t for t in running if futures[t] is finished)
+            running.remove(task_id)
+            results[task_id] = _result_of(finished, plan.by_id()[task_id], base_commit)
+            progress.finished(results[task_id])
+    return results
+
+
+def _result_of(future: PrefectFuture[TaskResult], spec: TaskSpec, base: str) -> TaskResult:
+    """A future's TaskResult; a crashed task run becomes an error result, not a crashed run."""
+    try:
+        value = future.result(raise_on_failure=True)
+    except Exception as exc:
+        message = f"task run crashed: {type(exc).__name__}: {exc}"
+    else:
+        if isinstance(value, TaskResult):
+            return value
+        message = f"task run returned {type(value).__name__}, not a TaskResult"
+    return TaskResult(
+        id=spec.id,
+        title=spec.title,
+        kind=spec.kind,
+        status=TaskStatus.ERROR,
+        failure_reason=FailureReason.SESSION_ERROR,
+        error=message[:2000],
+        base_commit=base,
+    )
+
+
+def build_report(
+    *,
+    run_id: str,
+    goal: str,
+    repo: str,
+    base_commit: str,
+    plan: Plan,
+    results: dict[str, TaskResult],
+    integration: IntegrationOutcome,
+    planner: TaskResult | None,
+    started: float,
+) -> RunReport:
+    """The RunReport of a finished run."""
+    ordered = [results[task.id] for task in plan.tasks if task.id in results]
+    sessions = [*ordered, *([planner] if planner else [])]
+    usage = sum((r.usage for r in sessions), TokenUsage())
+    merged_files = {f.path for r in ordered if r.id in integration.merged for f in r.files}
+    totals = RunTotals(
+        cost_usd=round(sum(r.cost_usd for r in sessions), 6),
+        usage=usage,
+        tokens=usage.total,
+        duration_s=round(time.monotonic() - started, 3),
+        turns=sum(r.turns for r in sessions),
+        files_changed=len(merged_files),
+        added=sum(r.added for r in ordered),
+        removed=sum(r.removed for r in ordered),
+    )
+    succeeded = (
+        len(ordered) == len(plan.tasks)
+        and all(r.status is TaskStatus.SUCCEEDED for r in ordered)
+        and not integration.unmerged
+        and (integration.final_verify is None or integration.final_verify.ok)
+    )
+    problems = []
+    if not all(r.status is TaskStatus.SUCCEEDED for r in ordered):
+        bad = [f"{r.id} {r.status}" for r in ordered if r.status is not TaskStatus.SUCCEEDED]
+        problems.append("tasks not succeeded: " + ", ".join(bad))
+    if integration.unmerged:
+        problems.append("not merged: " + ", ".join(u.id for u in integration.unmerged))
+    if integration.final_verify is not None and not integration.final_verify.ok:
+        problems.append("final verify failed")
+    flow_run = FlowRunContext.get()
+    return RunReport(
+        run_id=run_id,
+        goal=goal,
+        status=RunStatus.SUCCEEDED if succeeded else RunStatus.FAILED,
+        repo=repo,
+        base_commit=base_commit,
+        integration_branch=integration.branch,
+        head_commit=integration.head_commit,
+        final_verify=integration.final_verify,
+        tasks=ordered,
+        unmerged=integration.unmerged,
+        planner=planner,
+        totals=totals,
+        flow_run_id=str(flow_run.flow_run.id) if flow_run and flow_run.flow_run else None,
+        error="; ".join(problems) or None,
+    )
+
+
+@flow(name="claudecluster-goal", flow_run_name="{run_id}", log_prints=False)
+def goal_flow(
+    goal: str,
+    repo: str,
+    plan: Plan | None = None,
+    verify: str | None = None,
+    max_parallel: int = 2,
+    max_tasks: int | None = None,
+    settings: WorkerSettings | None = None,
+    base_commit: str | None = None,
+    run_id: str = "",
+    worktree_root: str | None = None,
+) -> State[RunReport]:
+    """Turn ``goal`` into a plan, run it, merge it and report; the run fails unless all did."""
+    logger = get_run_logger()
+    started = time.monotonic()
+    settings = settings or WorkerSettings()
+    run_id = run_id or new_run_id()
+    root = worktree_root or str(default_worktree_root())
+    git_repo = gitops.open_repo(repo)
+    repo = str(Path(git_repo.working_dir))
+    base = gitops.resolve_commit(git_repo, base_commit)
+    progress = RunProgress(run_id)
+    planner_result: TaskResult | None = None
+    if plan is None:
+        progress.planning()
+        plan, planner_result = plan_goal(
+            goal, repo, base, settings, run_id, max_tasks or DEFAULT_MAX_TASKS, verify, root
+        )
+        progress.cost_usd += planner_result.cost_usd
+    else:
+        plan = validate_plan(plan, Path(repo), max_tasks=max_tasks or PLAN_FILE_MAX_TASKS)
+        if verify is not None:
+            plan.verify = verify
+    plan.goal = plan.goal or goal
+    progress.planned(len(plan.tasks))
+    logger.info("run %s: %d tasks from %s", run_id, len(plan.tasks), base[:12])
+
+    results = run_tasks(
+        plan,
+        repo=repo,
+        base_commit=base,
+        settings=settings,
+        run_id=run_id,
+        max_parallel=max_parallel,
+        worktree_root=root,
+        progress=progress,
+    )
+    progress.integrating()
+    integration = integrate_branches(
+        repo, base, run_id, plan, results, plan.verify, settings.verify_timeout_s, root
+    )
+    report = build_report(
+        run_id=run_id,
+        goal=goal,
+        repo=repo,
+        base_commit=base,
+        plan=plan,
+        results=results,
+        integration=integration,
+        planner=planner_result,
+        started=started,
+    )
+    publish_run_artifacts(report, plan)
+    progress.complete(f"run {report.status}")
+    if report.status is RunStatus.SUCCEEDED:
+        return Completed(data=report, message="every task succeeded, merged and verified")
+    return Failed(data=report, message=report.error or "the run failed")

@@ -1,0 +1,60 @@
+"""The plan task: the goal flow's first step, a read-only planner session."""
+
+from __future__ import annotations
+
+from functools import partial
+from pathlib import Path
+
+import anyio
+
+from prefect import get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
+from prefect.cache_policies import NONE
+
+from claudecluster.artifacts import artifact_key, plan_markdown
+from claudecluster.models import TaskResult, TaskStatus, WorkerSettings
+from claudecluster.plan import Plan
+from claudecluster.planner import run_planner
+
+
+@task(name="plan", cache_policy=NONE)
+def plan_goal(
+    goal: str,
+    repo: str,
+    base_commit: str,
+    settings: WorkerSettings,
+    run_id: str,
+    max_tasks: int,
+    verify: str | None,
+    worktree_root: str,
+) -> tuple[Plan, TaskResult]:
+    """Ask the planner for a plan; return it with the planner session's accounting."""
+    logger = get_run_logger()
+    plan, outcome = anyio.run(
+        partial(
+            run_planner,
+            goal,
+            repo,
+            base_commit,
+            settings,
+            max_tasks=max_tasks,
+            verify=verify,
+            worktree_root=Path(worktree_root),
+            log=logger.info,
+        )
+    )
+    create_markdown_artifact(
+        key=artifact_key(run_id, "plan"), markdown=plan_markdown(plan), description="The plan"
+    )
+    accounting = TaskResult(
+        id="plan",
+        title="Planner",
+        status=TaskStatus.SUCCEEDED,
+        base_commit=base_commit,
+        session_id=outcome.session_id,
+        turns=outcome.turns,
+        cost_usd=outcome.cost_usd,
+        usage=outcome.usage,
+        duration_s=outcome.duration_s,
+    )
+    return plan, accounting

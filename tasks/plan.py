@@ -6,7 +6,6 @@ from functools import partial
 from pathlib import Path
 
 import anyio
-
 from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NONE

@@ -4,9 +4,12 @@ The public surface is small and pinned by a test:
 
 - models: :class:`TaskSpec`, :class:`WorkerSettings`, :class:`TaskResult`, :class:`TestReport`
 - errors: :class:`ClaudeClusterError` and its subclasses (see :mod:`claudecluster.errors`)
+- the driver: :func:`run_goal` (plan, run workers, merge, verify, report) and its
+  :class:`RunReport`, :class:`Plan`
 - the worker: :func:`execute_task` (one session, one worktree, one commit, one verify)
 """
 
+from claudecluster.api import run_goal
 from claudecluster.errors import (
     ClaudeClusterError,
     ConfigError,
@@ -19,6 +22,7 @@ from claudecluster.errors import (
 from claudecluster.models import (
     FailureReason,
     FileChange,
+    RunReport,
     TaskResult,
     TaskSpec,
     TaskStatus,
@@ -26,6 +30,7 @@ from claudecluster.models import (
     TokenUsage,
     WorkerSettings,
 )
+from claudecluster.plan import Plan, load_plan_file
 from claudecluster.worker import execute_task, new_run_id
 
 __version__ = "0.1.0"
@@ -36,8 +41,10 @@ __all__ = [
     "FailureReason",
     "FileChange",
     "GitError",
+    "Plan",
     "PlanError",
     "RepoError",
+    "RunReport",
     "SessionError",
     "TaskResult",
     "TaskSpec",
@@ -48,5 +55,7 @@ __all__ = [
     "WorkerSettings",
     "__version__",
     "execute_task",
+    "load_plan_file",
     "new_run_id",
+    "run_goal",
 ]

@@ -11,12 +11,13 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from pydantic import ValidationError
 
 from claudecluster import api
 from claudecluster.errors import ClaudeClusterError, UsageError
-from claudecluster.models import TaskResult, TaskSpec, TaskStatus, WorkerSettings
+from claudecluster.models import RunReport, TaskResult, TaskSpec, TaskStatus, WorkerSettings
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -145,7 +146,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if args.plan is None and not (goal or "").strip():
         raise UsageError("the goal is empty", hint='Pass a goal: claudecluster run "GOAL" --repo .')
     settings = settings_from_args(args)
-    kwargs = {
+    kwargs: dict[str, Any] = {
         "plan_file": args.plan,
         "verify": args.verify,
         "max_parallel": args.max_parallel,
@@ -156,10 +157,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
     }
     _announce_server(args)
     if args.json or not sys.stderr.isatty():
-        report = api.run_goal(goal, args.repo, **kwargs)  # type: ignore[arg-type]
+        report = api.run_goal(goal, args.repo, **kwargs)
     else:
         with LiveProgress() as display, listen(display):
-            report = api.run_goal(goal, args.repo, **kwargs)  # type: ignore[arg-type]
+            report = api.run_goal(goal, args.repo, **kwargs)
     if args.json:
         print(report.model_dump_json(indent=2))
     else:
@@ -184,7 +185,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     async def _plan() -> str:
         plan, outcome = await run_planner(
             goal,
-            repo.working_dir,
+            str(repo.working_dir),
             base,
             settings,
             max_tasks=args.max_tasks or 12,
@@ -221,14 +222,17 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     _announce_server(args)
     with DemoModel(latency_s=args.latency) as model:
         settings = WorkerSettings(model=args.model) if args.model else WorkerSettings()
-        call = lambda: api.run_goal(  # noqa: E731
-            DEMO_GOAL,
-            repo,
-            verify=model.verify,
-            max_parallel=args.max_parallel,
-            settings=settings,
-            ephemeral=args.ephemeral,
-        )
+
+        def call() -> RunReport:
+            return api.run_goal(
+                DEMO_GOAL,
+                repo,
+                verify=model.verify,
+                max_parallel=args.max_parallel,
+                settings=settings,
+                ephemeral=args.ephemeral,
+            )
+
         if sys.stderr.isatty():
             with LiveProgress() as display, listen(display):
                 report = call()

@@ -235,7 +235,7 @@ def diff_stats(repo: git.Repo, base: str, head: str) -> list[FileChange]:
                 path=path,
                 added=int(added) if added.isdigit() else 0,
                 removed=int(removed) if removed.isdigit() else 0,
-                change=statuses.get(path, "modified"),  # type: ignore[arg-type]
+                change=statuses.get(path, "modified"),
             )
         )
     return changes

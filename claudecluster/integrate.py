@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import git
 from pydantic import Field
 
 from claudecluster import gitops
@@ -67,7 +68,7 @@ def integrate(
     outcome = IntegrationOutcome(branch=branch, head_commit=base_commit)
     merged: set[str] = set()
     try:
-        scratch = gitops.git.Repo(worktree.path)
+        scratch = git.Repo(worktree.path)
         for spec in topological_order(plan):
             result = results.get(spec.id)
             if result is None or result.branch is None:

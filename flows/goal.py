@@ -18,9 +18,10 @@ from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger
+from prefect.client.schemas.objects import State
 from prefect.context import FlowRunContext
 from prefect.futures import PrefectFuture, as_completed
-from prefect.states import Completed, Failed, State
+from prefect.states import Completed, Failed
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from claudecluster import gitops
@@ -91,6 +92,7 @@ def run_tasks(
     futures: dict[str, PrefectFuture[TaskResult]] = {}
     running: list[str] = []
     results: dict[str, TaskResult] = {}
+    runner: ThreadPoolTaskRunner[TaskResult]
     with ThreadPoolTaskRunner(max_workers=max_parallel) as runner:
         while pending or running:
             for spec in list(pending):

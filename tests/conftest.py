@@ -52,6 +52,21 @@ def snapshot(repo: Path) -> dict[str, object]:
     }
 
 
+@pytest.fixture(scope="session", autouse=True)
+def claudecluster_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Keep every test's ClaudeCluster state (worktrees, server data) out of the real home."""
+    home = tmp_path_factory.mktemp("claudecluster-home")
+    saved = os.environ.get("CLAUDECLUSTER_HOME")
+    os.environ["CLAUDECLUSTER_HOME"] = str(home)
+    try:
+        yield home
+    finally:
+        if saved is None:
+            os.environ.pop("CLAUDECLUSTER_HOME", None)
+        else:
+            os.environ["CLAUDECLUSTER_HOME"] = saved
+
+
 @pytest.fixture
 def make_repo(tmp_path: Path) -> Callable[..., Path]:
     """Factory: a real git repository with a small Python project, one commit on main."""

@@ -92,6 +92,13 @@ class SessionError(ClaudeClusterError):
 class PlannerError(ClaudeClusterError):
     """The planner session returned no plan, or one that does not validate."""
 
+    def __init__(
+        self, message: str, *, hint: str | None = None, cost_usd: float = 0.0, turns: int = 0
+    ) -> None:
+        super().__init__(message, hint=hint)
+        self.cost_usd = cost_usd
+        self.turns = turns
+
 
 class ServerError(ClaudeClusterError):
     """The embedded Prefect server could not be started or reached."""

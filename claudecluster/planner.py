@@ -112,6 +112,8 @@ async def run_planner(
         raise PlannerError(
             f"the planner produced no plan: {outcome.error or outcome.failure_reason}",
             hint="Retry, or write a plan file and pass it with --plan.",
+            cost_usd=outcome.cost_usd,
+            turns=outcome.turns,
         )
     data = outcome.structured_output
     if isinstance(data, dict):
@@ -124,7 +126,9 @@ async def run_planner(
     except PlanError as exc:
         raise PlannerError(
             f"the planner's plan is invalid: {exc.message}",
-            hint="Retry, or save it with `claudecluster plan --out FILE`, fix it and pass --plan.",
+            hint="Retry, or write a plan file and pass it with --plan.",
+            cost_usd=outcome.cost_usd,
+            turns=outcome.turns,
         ) from None
     if log:
         log("plan: " + json.dumps([task.id for task in plan.tasks]))

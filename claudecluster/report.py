@@ -101,7 +101,10 @@ def print_run_report(report: RunReport, console: Console | None = None) -> None:
         out.print(f"  [yellow]not merged[/yellow] {item.id} ({item.branch}): {item.reason}")
     verdict = "[green]succeeded[/green]" if report.status == "succeeded" else "[red]FAILED[/red]"
     out.print(f"\nRun {report.run_id} {verdict}: {report.goal}")
-    out.print(f"  branch:  {report.integration_branch} ({(report.head_commit or '')[:12]})")
+    if report.error:
+        out.print(f"  error:   {report.error}")
+    if report.integration_branch:
+        out.print(f"  branch:  {report.integration_branch} ({(report.head_commit or '')[:12]})")
     if report.final_verify is not None:
         fv = report.final_verify
         counts = f" ({fv.passed} passed, {fv.failed} failed)" if fv.passed is not None else ""

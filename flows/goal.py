@@ -26,6 +26,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from claudecluster import gitops
 from claudecluster.artifacts import publish_run_artifacts
+from claudecluster.errors import PlannerError
 from claudecluster.integrate import IntegrationOutcome
 from claudecluster.models import (
     FailureReason,
@@ -215,6 +216,26 @@ def build_report(
     )
 
 
+def _planning_failed(
+    run_id: str, goal: str, repo: str, base: str, exc: PlannerError, started: float
+) -> RunReport:
+    flow_run = FlowRunContext.get()
+    return RunReport(
+        run_id=run_id,
+        goal=goal,
+        status=RunStatus.FAILED,
+        repo=repo,
+        base_commit=base,
+        totals=RunTotals(
+            cost_usd=exc.cost_usd,
+            turns=exc.turns,
+            duration_s=round(time.monotonic() - started, 3),
+        ),
+        flow_run_id=str(flow_run.flow_run.id) if flow_run and flow_run.flow_run else None,
+        error=exc.one_line(),
+    )
+
+
 @flow(name="claudecluster-goal", flow_run_name="{run_id}", log_prints=False)
 def goal_flow(
     goal: str,
@@ -241,9 +262,15 @@ def goal_flow(
     planner_result: TaskResult | None = None
     if plan is None:
         progress.planning()
-        plan, planner_result = plan_goal(
-            goal, repo, base, settings, run_id, max_tasks or DEFAULT_MAX_TASKS, verify, root
-        )
+        try:
+            plan, planner_result = plan_goal(
+                goal, repo, base, settings, run_id, max_tasks or DEFAULT_MAX_TASKS, verify, root
+            )
+        except PlannerError as exc:
+            report = _planning_failed(run_id, goal, repo, base, exc, started)
+            publish_run_artifacts(report, None)
+            progress.complete(f"run failed: {exc.message}")
+            return Failed(data=report, message=exc.one_line())
         progress.cost_usd += planner_result.cost_usd
     else:
         plan = validate_plan(plan, Path(repo), max_tasks=max_tasks or PLAN_FILE_MAX_TASKS)

@@ -127,6 +127,28 @@ class TestRun:
         assert report["final_verify"]["exit_code"] == 1
 
 
+@pytest.mark.usefixtures("prefect_backend")
+class TestPlannerFailure:
+    """A planner that returns no plan fails the run clearly, never an empty success."""
+
+    def test_no_structured_output(
+        self, repo: Path, model_server: ScriptedModelServer, marker: str
+    ) -> None:
+        model_server.add_script(
+            Script(name="lazy-planner", match=marker, turns=[text("I would split it in two.")])
+        )
+
+        proc = cli("run", f"{marker} do things", "--repo", str(repo), "--json")
+
+        assert proc.returncode == 1, proc.stderr
+        report = json.loads(proc.stdout)
+        assert report["status"] == "failed"
+        assert report["tasks"] == []
+        assert "planner produced no plan" in report["error"]
+        assert "structured output" in report["error"]
+        assert report["totals"]["cost_usd"] > 0  # the planner's session was paid for
+
+
 class TestBadInput:
     """Bad input: one line on stderr, exit code 2, no traceback, nothing changed."""
 

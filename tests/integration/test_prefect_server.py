@@ -34,8 +34,6 @@ from claudecluster.prefect_server import (
     flow_run_url,
     server_status,
     stop_server,
-    use_ephemeral,
-    use_server,
     using_server,
 )
 
@@ -313,44 +311,50 @@ class TestUseServer:
         assert status == 200
         assert json.loads(body)["state_type"] == "COMPLETED"
 
-    def test_use_server_exports_the_urls(
-        self, shared_server: tuple[ServerInfo, float], monkeypatch: pytest.MonkeyPatch
-    ) -> None:
+    def test_use_server_exports_the_urls(self, shared_server: tuple[ServerInfo, float]) -> None:
+        # In a fresh interpreter with prefect already imported: a test session may hold its
+        # own temporary Prefect settings (the harness), which rightly win in-process.
         info, _ = shared_server
-        monkeypatch.delenv("PREFECT_UI_URL", raising=False)
-        try:
-            use_server(info)
-            assert os.environ["PREFECT_API_URL"] == info.api_url
-            assert os.environ["PREFECT_UI_URL"] == info.ui_url
-            from prefect.settings import get_current_settings
+        script = (
+            "import os, prefect\n"
+            "from claudecluster.prefect_server import ensure_server, use_server\n"
+            "from prefect.settings import get_current_settings\n"
+            "info = ensure_server()\n"
+            "use_server(info)\n"
+            "print(os.environ['PREFECT_API_URL'], os.environ['PREFECT_UI_URL'],"
+            " get_current_settings().api.url)\n"
+        )
+        env = _subprocess_env(info.home)
+        env.pop("PREFECT_UI_URL", None)
+        result = subprocess.run(
+            [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120
+        )
+        assert result.returncode == 0, result.stderr[-2000:]
+        api_env, ui_env, api_settings = result.stdout.split()
+        assert api_env == info.api_url
+        assert ui_env == info.ui_url
+        assert api_settings == info.api_url
 
-            assert get_current_settings().api.url == info.api_url
-        finally:
-            monkeypatch.undo()
-            _refresh_prefect_settings()
-
-    def test_use_ephemeral_clears_the_api_url(self, monkeypatch: pytest.MonkeyPatch) -> None:
-        monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:9/api")
-        monkeypatch.delenv("PREFECT_SERVER_EPHEMERAL_ENABLED", raising=False)
-        monkeypatch.delenv("PREFECT_SERVER_ALLOW_EPHEMERAL_MODE", raising=False)
-        try:
-            use_ephemeral()
-            assert "PREFECT_API_URL" not in os.environ
-            assert os.environ["PREFECT_SERVER_ALLOW_EPHEMERAL_MODE"] == "true"
-            from prefect.settings import get_current_settings
-
-            settings = get_current_settings()
-            assert not settings.api.url
-            assert settings.server.ephemeral.enabled
-        finally:
-            monkeypatch.undo()
-            _refresh_prefect_settings()
-
-
-def _refresh_prefect_settings() -> None:
-    import prefect.context
-
-    prefect.context.refresh_global_settings_context()
+    def test_use_ephemeral_clears_the_api_url(self, tmp_path: Path) -> None:
+        script = (
+            "import os, prefect\n"
+            "from claudecluster.prefect_server import use_ephemeral\n"
+            "from prefect.settings import get_current_settings\n"
+            "use_ephemeral()\n"
+            "settings = get_current_settings()\n"
+            "print('PREFECT_API_URL' in os.environ,"
+            " os.environ['PREFECT_SERVER_ALLOW_EPHEMERAL_MODE'],"
+            " repr(settings.api.url), settings.server.ephemeral.enabled)\n"
+        )
+        env = _subprocess_env(tmp_path)
+        env["PREFECT_API_URL"] = "http://127.0.0.1:9/api"
+        env.pop("PREFECT_SERVER_EPHEMERAL_ENABLED", None)
+        env.pop("PREFECT_SERVER_ALLOW_EPHEMERAL_MODE", None)
+        result = subprocess.run(
+            [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120
+        )
+        assert result.returncode == 0, result.stderr[-2000:]
+        assert result.stdout.split() == ["False", "true", "None", "True"]
 
 
 class TestExternalServer:

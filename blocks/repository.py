@@ -1,0 +1,35 @@
+"""The target repository block: where the code lives, and how to reach it."""
+
+from __future__ import annotations
+
+from prefect.blocks.core import Block
+from pydantic import Field, SecretStr
+
+
+class TargetRepository(Block):
+    """A repository ClaudeCluster works on: a local path or a git URL, with credentials.
+
+    Load it by name with ``claudecluster run --repo-block NAME`` or in a deployment's
+    ``repo_block`` parameter. The credentials stay in the block (encrypted by Prefect) and are
+    never written to logs, results or flow run parameters.
+    """
+
+    _block_type_name = "ClaudeCluster Target Repository"
+    _block_type_slug = "claudecluster-target-repository"
+    _description = "A git repository ClaudeCluster runs goals on: path or URL, branch, token."
+
+    location: str = Field(description="Local path of a clone, or a git URL (https or ssh).")
+    branch: str | None = Field(
+        default=None, description="Branch or commit to start from; None means HEAD."
+    )
+    username: str | None = Field(
+        default=None, description="User name for https credentials (e.g. 'x-access-token')."
+    )
+    credentials: SecretStr | None = Field(
+        default=None, description="Token or password for https URLs (never logged)."
+    )
+
+    @property
+    def is_remote(self) -> bool:
+        """True when ``location`` is a URL rather than a local path."""
+        return "://" in self.location or self.location.startswith("git@")

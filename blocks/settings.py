@@ -1,0 +1,80 @@
+"""The Claude Code settings block: model, permissions, limits and the API key."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect.blocks.core import Block
+from pydantic import Field, SecretStr
+
+from claudecluster.models import PermissionPolicy, WorkerSettings
+
+
+class ClaudeCodeSettings(Block):
+    """How ClaudeCluster runs Claude Code sessions, saved on the Prefect server.
+
+    Load it by name with ``claudecluster run --settings-block NAME`` or in a deployment's
+    ``settings_block`` parameter. Flags on the command line win over the block's values.
+    """
+
+    _block_type_name = "ClaudeCluster Claude Code Settings"
+    _block_type_slug = "claudecluster-claude-code-settings"
+    _description = (
+        "Model, permission policy, tools, limits and API credentials for ClaudeCluster's "
+        "unattended Claude Code sessions."
+    )
+
+    model: str | None = Field(default=None, description="Model for the sessions.")
+    fallback_model: str | None = Field(
+        default=None, description="Model to switch to when the main one is overloaded."
+    )
+    permission_policy: PermissionPolicy = Field(
+        default="safe", description="'safe' (default), 'read-only' or 'container'."
+    )
+    allowed_tools: list[str] = Field(
+        default_factory=list, description="Extra Claude Code permission rules to allow."
+    )
+    disallowed_tools: list[str] = Field(
+        default_factory=list, description="Claude Code permission rules to deny."
+    )
+    max_turns: int | None = Field(default=None, ge=1, description="Turn limit per session.")
+    max_budget_usd: float | None = Field(
+        default=None, gt=0, description="Spending limit per session, in USD."
+    )
+    timeout_s: float | None = Field(
+        default=None, gt=0, description="Wall-clock limit per session, in seconds."
+    )
+    verify_timeout_s: float | None = Field(
+        default=None, gt=0, description="Wall-clock limit for verify commands, in seconds."
+    )
+    api_key: SecretStr | None = Field(
+        default=None, description="Anthropic API key given to the sessions (never logged)."
+    )
+    base_url: str | None = Field(
+        default=None, description="Anthropic-compatible endpoint, if not the default API."
+    )
+
+    def worker_settings(self, **overrides: Any) -> WorkerSettings:
+        """WorkerSettings from this block; non-None ``overrides`` (flags) win."""
+        values: dict[str, Any] = {
+            "model": self.model,
+            "fallback_model": self.fallback_model,
+            "permission_policy": self.permission_policy,
+            "allowed_tools": list(self.allowed_tools),
+            "disallowed_tools": list(self.disallowed_tools),
+            "max_turns": self.max_turns,
+            "max_budget_usd": self.max_budget_usd,
+            "timeout_s": self.timeout_s,
+            "verify_timeout_s": self.verify_timeout_s,
+        }
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return WorkerSettings(**{k: v for k, v in values.items() if v is not None})
+
+    def session_env(self) -> dict[str, str]:
+        """Environment the sessions need for this block's credentials and endpoint."""
+        env: dict[str, str] = {}
+        if self.api_key is not None:
+            env["ANTHROPIC_API_KEY"] = self.api_key.get_secret_value()
+        if self.base_url:
+            env["ANTHROPIC_BASE_URL"] = self.base_url
+        return env

@@ -33,3 +33,10 @@ class TargetRepository(Block):
     def is_remote(self) -> bool:
         """True when ``location`` is a URL rather than a local path."""
         return "://" in self.location or self.location.startswith("git@")
+
+
+def load_target(name: str) -> TargetRepository:
+    """Load a TargetRepository block by name (from synchronous code)."""
+    block = TargetRepository.load(name, _sync=True)  # type: ignore[call-arg]
+    assert isinstance(block, TargetRepository)
+    return block

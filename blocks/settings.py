@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 from prefect.blocks.core import Block
 from pydantic import Field, SecretStr
@@ -78,3 +78,25 @@ class ClaudeCodeSettings(Block):
         if self.base_url:
             env["ANTHROPIC_BASE_URL"] = self.base_url
         return env
+
+
+def resolve_settings(
+    settings: WorkerSettings | None, block_name: str | None
+) -> tuple[WorkerSettings, dict[str, str]]:
+    """Settings and session environment: explicit fields over the block over the defaults.
+
+    Only fields set explicitly on ``settings`` (command-line flags, deployment parameters)
+    override the block; its unset fields keep the block's values.
+    """
+    if not block_name:
+        return settings or WorkerSettings(), {}
+    block = ClaudeCodeSettings.load(block_name, _sync=True)  # type: ignore[call-arg]
+    assert isinstance(block, ClaudeCodeSettings)
+    explicit = settings.model_dump(exclude_unset=True) if settings else {}
+    return block.worker_settings(**explicit), block.session_env()
+
+
+async def session_env_from_block(block_name: str) -> dict[str, str]:
+    """The session environment (credentials, endpoint) of a ClaudeCodeSettings block."""
+    block = cast(ClaudeCodeSettings, await ClaudeCodeSettings.aload(block_name))
+    return block.session_env()

@@ -8,13 +8,17 @@ a :class:`~claudecluster.errors.UsageError` and changes nothing.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 from claudecluster import gitops, prefect_server
 from claudecluster.errors import ConfigError, UsageError
 from claudecluster.models import RunReport, WorkerSettings
 from claudecluster.plan import Plan, load_plan_file, validate_plan
 from claudecluster.prefect_server import ServerInfo
+
+T = TypeVar("T")
 
 MAX_GOAL_CHARS = 20_000
 
@@ -72,7 +76,7 @@ def prepare_plan(
 
 def run_goal(
     goal: str | None,
-    repo: str | Path,
+    repo: str | Path | None = None,
     *,
     plan: Plan | None = None,
     plan_file: str | Path | None = None,
@@ -84,13 +88,20 @@ def run_goal(
     run_id: str | None = None,
     ephemeral: bool = False,
     worktree_root: str | Path | None = None,
+    pool: str | None = None,
+    settings_block: str | None = None,
+    repo_block: str | None = None,
 ) -> RunReport:
     """Run a goal end to end (plan, workers, merge, verify, report) and return its report.
 
     ``goal`` may be None when the plan (file) states it. With neither ``plan`` nor
-    ``plan_file`` the LLM planner plans. The run uses ``PREFECT_API_URL`` when set, else the
-    local ClaudeCluster Prefect server (started on first use), or Prefect's throwaway
-    backend with ``ephemeral=True``.
+    ``plan_file`` the LLM planner plans. ``pool`` runs tasks that name no pool on that work
+    pool (default: in-process). ``settings_block`` and ``repo_block`` name Prefect blocks;
+    explicitly set fields of ``settings`` override the settings block. The run uses
+    ``PREFECT_API_URL`` when set, else the local ClaudeCluster Prefect server (started on
+    first use), or Prefect's throwaway backend with ``ephemeral=True``.
+
+    Bad input raises a UsageError before anything is started or changed.
     """
     from claudecluster.worker import new_run_id
 
@@ -99,14 +110,35 @@ def run_goal(
             f"max_parallel must be at least 1, got {max_parallel}",
             hint="Pass --max-parallel 1 or more.",
         )
+    if repo is None and repo_block is None:
+        raise UsageError("no repository given", hint="Pass --repo PATH or --repo-block NAME.")
+    if repo is not None:
+        gitops.open_repo(repo)  # fail on a bad repo before starting any server
+    if goal is not None and plan is None and plan_file is None:
+        check_goal(goal)
+    if settings_block is None:
+        require_credentials()
+    server = connect(ephemeral=ephemeral)
+    if repo_block is not None:
+        from claudecluster.blocks.repository import load_target
+
+        target = _load_block(load_target, repo_block, "repository")
+        repo, base = target.location, base or target.branch
+    assert repo is not None
     git_repo = gitops.open_repo(repo)
     root = Path(git_repo.working_dir)
     base_commit = gitops.resolve_commit(git_repo, base)
     checked = prepare_plan(root, plan=plan, plan_file=plan_file, max_tasks=max_tasks)
     goal_text = goal if goal and goal.strip() else (checked.goal if checked else None)
     goal_text = check_goal(goal_text or "")
-    require_credentials()
-    server = connect(ephemeral=ephemeral)
+    if settings_block is not None:
+        from claudecluster.blocks.settings import resolve_settings
+
+        _load_block(lambda name: resolve_settings(None, name), settings_block, "settings")
+    from claudecluster.plan import pools_in
+    from claudecluster.pools import worker_deployments
+
+    worker_deployments(pools_in(checked, pool))
     from claudecluster.flows.goal import goal_flow
 
     state = goal_flow(
@@ -116,10 +148,12 @@ def run_goal(
         verify=verify,
         max_parallel=max_parallel or default_parallelism(),
         max_tasks=max_tasks,
-        settings=settings or WorkerSettings(),
+        settings=settings,
         base_commit=base_commit,
         run_id=run_id or new_run_id(),
         worktree_root=str(worktree_root) if worktree_root else None,
+        pool=pool,
+        settings_block=settings_block,
         return_state=True,
     )
     report = state.result(raise_on_failure=False)
@@ -132,15 +166,30 @@ def run_goal(
     return report
 
 
+def _load_block(loader: Callable[[str], T], name: str, what: str) -> T:
+    """Load a block by name; a missing block is bad input, not a crash."""
+    try:
+        return loader(name)
+    except ValueError as exc:
+        raise ConfigError(
+            f"no {what} block named {name!r}: {exc}",
+            hint="Create it in the Prefect UI (Blocks) or with Python; see the README.",
+        ) from None
+
+
 def connect(*, ephemeral: bool = False) -> ServerInfo | None:
     """Point this process at a Prefect backend; return the server when it has a UI."""
     from prefect.context import FlowRunContext
+
+    from claudecluster.limits import ensure_limits
 
     if FlowRunContext.get() is not None:
         return None  # already inside a flow run (e.g. a deployment): keep its backend
     if ephemeral:
         prefect_server.use_ephemeral()
+        ensure_limits()
         return None
     info = prefect_server.ensure_server()
     prefect_server.use_server(info)
+    ensure_limits()
     return info

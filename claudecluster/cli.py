@@ -76,11 +76,10 @@ def settings_from_args(args: argparse.Namespace) -> WorkerSettings:
         "max_turns": args.max_turns,
         "max_budget_usd": args.task_budget_usd,
         "timeout_s": args.timeout,
+        "allowed_tools": args.allow or None,
     }
-    settings = WorkerSettings(**{k: v for k, v in overrides.items() if v is not None})
-    if args.allow:
-        settings.allowed_tools = [*settings.allowed_tools, *args.allow]
-    return settings
+    # Only flags actually given are set, so they (and only they) override a settings block.
+    return WorkerSettings(**{k: v for k, v in overrides.items() if v is not None})
 
 
 def _cmd_task(args: argparse.Namespace) -> int:
@@ -154,6 +153,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
         "settings": settings,
         "base": args.base,
         "ephemeral": args.ephemeral,
+        "pool": args.pool,
+        "settings_block": args.settings_block,
+        "repo_block": args.repo_block,
     }
     _announce_server(args)
     if args.json or not sys.stderr.isatty():
@@ -249,6 +251,24 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return EXIT_OK if report.status == "succeeded" else EXIT_FAILED
 
 
+def _cmd_setup(args: argparse.Namespace) -> int:
+    from claudecluster.setup import setup
+
+    _announce_server(args)
+    server = api.connect(ephemeral=False)
+    report = setup(sessions=args.sessions)
+    where = server.api_url if server else os.environ.get("PREFECT_API_URL", "Prefect")
+    print(f"Prepared {where} for ClaudeCluster:")
+    for pool, what in report.pools.items():
+        print(f"  work pool {pool}: {what}")
+    print(f"  concurrency limit claudecluster-sessions: {report.session_limit} sessions")
+    print(f"  block types: {', '.join(report.blocks)}")
+    print("Next, from the repository root:")
+    print("  prefect deploy --all --prefect-file deployments/prefect.yaml")
+    print("  prefect worker start --pool claudecluster-process")
+    return EXIT_OK
+
+
 def _cmd_server(args: argparse.Namespace) -> int:
     from claudecluster import prefect_server
 
@@ -259,6 +279,10 @@ def _cmd_server(args: argparse.Namespace) -> int:
     if args.action == "start":
         info = prefect_server.ensure_server()
         print(f"Prefect server at {info.api_url} (UI {info.ui_url}, pid {info.pid})")
+        return EXIT_OK
+    if args.action == "url":
+        # For the prefect CLI: export PREFECT_API_URL=$(claudecluster server url)
+        print(prefect_server.ensure_server().api_url)
         return EXIT_OK
     status = prefect_server.server_status()
     if status is None:
@@ -295,8 +319,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="run a goal: plan, run workers, merge, verify, report")
     run.add_argument("goal", nargs="?", help="what to achieve ('-' reads it from stdin)")
-    run.add_argument("--repo", required=True, help="path of the git repository")
+    target = run.add_mutually_exclusive_group(required=True)
+    target.add_argument("--repo", help="path of the git repository")
+    target.add_argument("--repo-block", help="name of a TargetRepository block to use")
     run.add_argument("--plan", help="plan file (YAML or JSON) to run instead of planning")
+    run.add_argument(
+        "--pool",
+        help="work pool for tasks that name none ('local', the default, runs in-process)",
+    )
+    run.add_argument(
+        "--settings-block", help="ClaudeCodeSettings block to use (flags override its values)"
+    )
     run.add_argument("--verify", help="command that checks the work (overrides the plan's)")
     run.add_argument(
         "--max-parallel",
@@ -336,8 +369,22 @@ def build_parser() -> argparse.ArgumentParser:
     add_backend_options(demo)
     demo.set_defaults(handler=_cmd_demo)
 
+    setup_cmd = sub.add_parser(
+        "setup", help="create work pools, the session limit and block types on the server"
+    )
+    setup_cmd.add_argument(
+        "--sessions",
+        type=_positive_int,
+        help="cluster-wide cap on concurrent Claude Code sessions (default 8, or keep current)",
+    )
+    setup_cmd.set_defaults(handler=_cmd_setup, ephemeral=False)
+
     server = sub.add_parser("server", help="manage the local Prefect server")
-    server.add_argument("action", choices=["status", "start", "stop"])
+    server.add_argument(
+        "action",
+        choices=["status", "start", "stop", "url"],
+        help="url starts the server if needed and prints its API URL (for PREFECT_API_URL)",
+    )
     server.set_defaults(handler=_cmd_server)
     return parser
 

@@ -262,3 +262,12 @@ def _under(child: str, parent: str) -> bool:
     if not literal_parent or literal_parent == ".":
         return True
     return child == literal_parent or child.startswith(literal_parent + "/")
+
+
+def pools_in(plan: Plan | None, run_pool: str | None) -> set[str]:
+    """Every pool a run will dispatch to (the run's default, when the plan is not known yet)."""
+    from claudecluster.pools import LOCAL_POOL, pool_for
+
+    if plan is None:
+        return {run_pool or LOCAL_POOL}
+    return {pool_for(task, run_pool=run_pool, plan_pool=plan.pool) for task in plan.tasks}

@@ -19,6 +19,7 @@ from claudecluster.models import TASK_ID_PATTERN, WorkerSettings
 from claudecluster.permissions import permissions_for
 from claudecluster.plan import Plan, parse_plan, validate_plan
 from claudecluster.session import Logger, SessionOutcome, run_session
+from claudecluster.worker import SlotFactory, no_slot
 
 PLAN_SCHEMA: dict[str, Any] = {
     "type": "object",
@@ -93,21 +94,25 @@ async def run_planner(
     verify: str | None,
     worktree_root: Path,
     log: Logger | None = None,
+    session_slot: SlotFactory | None = None,
+    env: dict[str, str] | None = None,
 ) -> tuple[Plan, SessionOutcome]:
     """Plan ``goal`` on the repository at ``base_commit``; return the plan and the session."""
     repo = gitops.open_repo(repo_path)
     planner_settings = settings.model_copy(update={"permission_policy": "read-only"})
     name = f"plan-{uuid.uuid4().hex[:8]}"
     with gitops.scratch_worktree(repo, worktree_root, name, base_commit) as scratch:
-        outcome = await run_session(
-            planner_prompt(goal, max_tasks),
-            cwd=Path(scratch.working_dir),
-            settings=planner_settings,
-            permissions=permissions_for("read-only"),
-            system_prompt_append=PLANNER_INSTRUCTIONS,
-            output_format={"type": "json_schema", "schema": PLAN_SCHEMA},
-            log=log,
-        )
+        async with (session_slot or no_slot)():
+            outcome = await run_session(
+                planner_prompt(goal, max_tasks),
+                cwd=Path(scratch.working_dir),
+                settings=planner_settings,
+                permissions=permissions_for("read-only"),
+                system_prompt_append=PLANNER_INSTRUCTIONS,
+                output_format={"type": "json_schema", "schema": PLAN_SCHEMA},
+                env=env,
+                log=log,
+            )
     if not outcome.ok:
         raise PlannerError(
             f"the planner produced no plan: {outcome.error or outcome.failure_reason}",

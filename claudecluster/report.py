@@ -123,17 +123,20 @@ class LiveProgress:
 
     def __init__(self, console: Console | None = None) -> None:
         self.console = console or Console(stderr=True, highlight=False)
-        self._live = Live(console=self.console, refresh_per_second=4, transient=True)
+        # Live re-renders this object four times a second, so the clock keeps ticking.
+        self._live = Live(self, console=self.console, refresh_per_second=4, transient=True)
         self._event: ProgressEvent | None = None
         self._started = time.monotonic()
 
     def __enter__(self) -> LiveProgress:
         self._live.__enter__()
-        self._live.update(self._render())
         return self
 
     def __exit__(self, *exc: object) -> None:
         self._live.__exit__(None, None, None)
+
+    def __rich__(self) -> Text:
+        return self._render()
 
     def _render(self) -> Text:
         elapsed = time.monotonic() - self._started
@@ -165,4 +168,3 @@ class LiveProgress:
                 f"  [{style}]{task.status:>10}[/{style}] {task.id}"
                 + (f": {task.error}" if task.error and task.status != "succeeded" else "")
             )
-        self._live.update(self._render())

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import secrets
 import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -47,6 +49,15 @@ _FAILED_REASONS = {
     FailureReason.VERIFY_FAILED,
     FailureReason.VERIFY_TIMEOUT,
 }
+
+
+SlotFactory = Callable[[], AbstractAsyncContextManager[None]]
+
+
+@asynccontextmanager
+async def no_slot() -> AsyncIterator[None]:
+    """A session slot that limits nothing (for use outside Prefect)."""
+    yield
 
 
 def new_run_id() -> str:
@@ -94,11 +105,13 @@ async def execute_task(
     keep_worktree: bool = False,
     env: dict[str, str] | None = None,
     log: Logger | None = None,
+    session_slot: SlotFactory | None = None,
 ) -> TaskResult:
     """Run ``spec`` from ``base_commit`` and return its TaskResult.
 
     Raises only for bad input (a missing repo or commit); everything that goes wrong once the
-    task has started is reported in the result.
+    task has started is reported in the result. ``session_slot`` is held around the session
+    (ClaudeCluster passes the cluster-wide session limit there).
     """
     started = time.monotonic()
     repo = gitops.open_repo(repo_path)
@@ -129,15 +142,24 @@ async def execute_task(
         extra_allowed=settings.allowed_tools,
         extra_disallowed=settings.disallowed_tools,
     )
-    outcome: SessionOutcome = await run_session(
-        task_prompt(spec, verify_command),
-        cwd=worktree.path,
-        settings=settings,
-        permissions=permissions,
-        system_prompt_append=WORKER_INSTRUCTIONS,
-        env=env,
-        log=log,
-    )
+    try:
+        async with (session_slot or no_slot)():
+            outcome: SessionOutcome = await run_session(
+                task_prompt(spec, verify_command),
+                cwd=worktree.path,
+                settings=settings,
+                permissions=permissions,
+                system_prompt_append=WORKER_INSTRUCTIONS,
+                env=env,
+                log=log,
+            )
+    except ClaudeClusterError as exc:
+        gitops.remove_worktree(repo, worktree.path)
+        gitops.delete_branch(repo, branch)
+        result.failure_reason = FailureReason.SESSION_ERROR
+        result.error = f"the session could not start: {exc.one_line()}"
+        result.duration_s = round(time.monotonic() - started, 3)
+        return result
     result.session_id = outcome.session_id
     result.turns = outcome.turns
     result.cost_usd = outcome.cost_usd

@@ -18,15 +18,19 @@ from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger
-from prefect.client.schemas.objects import State
+from prefect.client.schemas.objects import FlowRun, State
 from prefect.context import FlowRunContext
-from prefect.futures import PrefectFuture, as_completed
+from prefect.deployments import run_deployment
+from prefect.futures import PrefectFlowRunFuture, PrefectFuture, as_completed
 from prefect.states import Completed, Failed
 from prefect.task_runners import ThreadPoolTaskRunner
+from pydantic import BaseModel
 
 from claudecluster import gitops
 from claudecluster.artifacts import publish_run_artifacts
-from claudecluster.errors import PlannerError
+from claudecluster.blocks.repository import load_target
+from claudecluster.blocks.settings import resolve_settings
+from claudecluster.errors import PlannerError, UsageError
 from claudecluster.integrate import IntegrationOutcome
 from claudecluster.models import (
     FailureReason,
@@ -40,6 +44,7 @@ from claudecluster.models import (
     WorkerSettings,
 )
 from claudecluster.plan import Plan, ancestors, paths_overlap, topological_order, validate_plan
+from claudecluster.pools import LOCAL_POOL, pool_for, worker_deployments
 from claudecluster.progress import RunProgress
 from claudecluster.tasks.integrate import integrate_branches
 from claudecluster.tasks.plan import plan_goal
@@ -76,6 +81,31 @@ def _holds_lease(plan: Plan, candidate: TaskSpec, running: list[str]) -> str | N
     return None
 
 
+def dispatch_to_pool(
+    deployment: str, parameters: dict[str, Any], run_id: str
+) -> PrefectFlowRunFuture[TaskResult]:
+    """Start a task as a flow run of a pool's worker deployment; returns at once."""
+    json_parameters = {
+        key: (
+            value.model_dump(mode="json")
+            if isinstance(value, BaseModel)
+            else [v.model_dump(mode="json") for v in value]
+            if isinstance(value, list)
+            else value
+        )
+        for key, value in parameters.items()
+    }
+    flow_run = run_deployment(
+        deployment,
+        parameters=json_parameters,
+        timeout=0,
+        as_subflow=True,
+        tags=["claudecluster", f"claudecluster-run:{run_id}"],
+    )
+    assert isinstance(flow_run, FlowRun)  # a sync flow gets the sync variant
+    return PrefectFlowRunFuture(flow_run_id=flow_run.id)
+
+
 def run_tasks(
     plan: Plan,
     *,
@@ -86,9 +116,13 @@ def run_tasks(
     max_parallel: int,
     worktree_root: str,
     progress: RunProgress,
+    pool: str | None = None,
+    settings_block: str | None = None,
 ) -> dict[str, TaskResult]:
-    """Run every task of ``plan`` as worker task runs; return results by task id."""
+    """Run every task of ``plan`` on its pool; return results by task id."""
     logger = get_run_logger()
+    pools = {pool_for(t, run_pool=pool, plan_pool=plan.pool) for t in plan.tasks}
+    deployments = worker_deployments(pools)
     pending = topological_order(plan)
     futures: dict[str, PrefectFuture[TaskResult]] = {}
     running: list[str] = []
@@ -119,10 +153,18 @@ def run_tasks(
                     "settings": settings,
                     "run_id": run_id,
                     "verify": spec.verify or plan.verify,
-                    "dependencies": [futures[d] for d in spec.depends_on],
-                    "worktree_root": worktree_root,
+                    "settings_block": settings_block,
                 }
-                futures[spec.id] = runner.submit(run_worker, parameters)  # type: ignore[arg-type]
+                task_pool = pool_for(spec, run_pool=pool, plan_pool=plan.pool)
+                if task_pool == LOCAL_POOL:
+                    # Passing the futures (not their results) draws the graph's edges.
+                    parameters["dependencies"] = [futures[d] for d in spec.depends_on]
+                    parameters["worktree_root"] = worktree_root
+                    futures[spec.id] = runner.submit(run_worker, parameters)  # type: ignore[arg-type]
+                else:
+                    parameters["dependencies"] = [results[d] for d in spec.depends_on]
+                    futures[spec.id] = dispatch_to_pool(deployments[task_pool], parameters, run_id)
+                    logger.info("%s dispatched to pool %s", spec.id, task_pool)
                 running.append(spec.id)
                 progress.started(spec.id)
             if not running:
@@ -236,10 +278,47 @@ def _planning_failed(
     )
 
 
-@flow(name="claudecluster-goal", flow_run_name="{run_id}", log_prints=False)
+def _goal_run_name() -> str:
+    """The flow run's name is its run id: the one given, or a new one (deployment runs)."""
+    from prefect.runtime import flow_run
+
+    given = flow_run.parameters.get("run_id")
+    return str(given) if given else new_run_id()
+
+
+def cancel_child_runs(flow: Any, flow_run: FlowRun, state: State[Any]) -> None:
+    """When a goal run is cancelled, cancel the worker flow runs it dispatched to pools."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (
+        FlowRunFilter,
+        FlowRunFilterParentFlowRunId,
+        FlowRunFilterState,
+        FlowRunFilterStateType,
+    )
+    from prefect.client.schemas.objects import StateType
+    from prefect.states import Cancelling
+
+    final = [StateType.COMPLETED, StateType.FAILED, StateType.CANCELLED, StateType.CRASHED]
+    with get_client(sync_client=True) as client:
+        children = client.read_flow_runs(
+            flow_run_filter=FlowRunFilter(
+                parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[flow_run.id]),
+                state=FlowRunFilterState(type=FlowRunFilterStateType(not_any_=final)),
+            )
+        )
+        for child in children:
+            client.set_flow_run_state(child.id, Cancelling(), force=True)
+
+
+@flow(
+    name="claudecluster-goal",
+    flow_run_name=_goal_run_name,
+    log_prints=False,
+    on_cancellation=[cancel_child_runs],
+)
 def goal_flow(
-    goal: str,
-    repo: str,
+    goal: str = "",
+    repo: str | None = None,
     plan: Plan | None = None,
     verify: str | None = None,
     max_parallel: int = 2,
@@ -248,23 +327,46 @@ def goal_flow(
     base_commit: str | None = None,
     run_id: str = "",
     worktree_root: str | None = None,
+    pool: str | None = None,
+    settings_block: str | None = None,
+    repo_block: str | None = None,
 ) -> State[RunReport]:
-    """Turn ``goal`` into a plan, run it, merge it and report; the run fails unless all did."""
+    """Turn ``goal`` into a plan, run it, merge it and report; the run fails unless all did.
+
+    ``repo`` (or a TargetRepository block named by ``repo_block``) is the repository;
+    ``settings_block`` names a ClaudeCodeSettings block, whose values ``settings`` overrides.
+    """
     logger = get_run_logger()
     started = time.monotonic()
-    settings = settings or WorkerSettings()
-    run_id = run_id or new_run_id()
+    settings, _ = resolve_settings(settings, settings_block)
+    context = FlowRunContext.get()
+    run_id = run_id or (context.flow_run.name if context and context.flow_run else new_run_id())
     root = worktree_root or str(default_worktree_root())
+    if repo_block:
+        target = load_target(repo_block)
+        repo, base_commit = target.location, base_commit or target.branch
+    if not repo:
+        raise UsageError("no repository given", hint="Pass repo or repo_block.")
     git_repo = gitops.open_repo(repo)
     repo = str(Path(git_repo.working_dir))
     base = gitops.resolve_commit(git_repo, base_commit)
+    if plan is not None and not goal:
+        goal = plan.goal or ""
     progress = RunProgress(run_id)
     planner_result: TaskResult | None = None
     if plan is None:
         progress.planning()
         try:
             plan, planner_result = plan_goal(
-                goal, repo, base, settings, run_id, max_tasks or DEFAULT_MAX_TASKS, verify, root
+                goal,
+                repo,
+                base,
+                settings,
+                run_id,
+                max_tasks or DEFAULT_MAX_TASKS,
+                verify,
+                root,
+                settings_block=settings_block,
             )
         except PlannerError as exc:
             report = _planning_failed(run_id, goal, repo, base, exc, started)
@@ -289,6 +391,8 @@ def goal_flow(
         max_parallel=max_parallel,
         worktree_root=root,
         progress=progress,
+        pool=pool,
+        settings_block=settings_block,
     )
     progress.integrating()
     integration = integrate_branches(

@@ -11,6 +11,8 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NONE
 
 from claudecluster.artifacts import artifact_key, plan_markdown
+from claudecluster.blocks.settings import resolve_settings
+from claudecluster.limits import session_slot
 from claudecluster.models import TaskResult, TaskStatus, WorkerSettings
 from claudecluster.plan import Plan
 from claudecluster.planner import run_planner
@@ -26,6 +28,7 @@ def plan_goal(
     max_tasks: int,
     verify: str | None,
     worktree_root: str,
+    settings_block: str | None = None,
 ) -> tuple[Plan, TaskResult]:
     """Ask the planner for a plan; return it with the planner session's accounting."""
     logger = get_run_logger()
@@ -40,6 +43,8 @@ def plan_goal(
             verify=verify,
             worktree_root=Path(worktree_root),
             log=logger.info,
+            session_slot=session_slot,
+            env=resolve_settings(None, settings_block)[1] if settings_block else None,
         )
     )
     create_markdown_artifact(

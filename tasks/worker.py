@@ -14,6 +14,8 @@ from prefect.cache_policies import NONE
 
 from claudecluster import gitops
 from claudecluster.artifacts import publish_task_artifacts
+from claudecluster.blocks.settings import session_env_from_block
+from claudecluster.limits import session_slot
 from claudecluster.models import FailureReason, TaskResult, TaskSpec, TaskStatus, WorkerSettings
 from claudecluster.worker import default_worktree_root, execute_task
 
@@ -29,9 +31,15 @@ async def run_worker(
     dependencies: list[TaskResult] | None = None,
     worktree_root: str | None = None,
     keep_worktree: bool = False,
+    settings_block: str | None = None,
 ) -> TaskResult:
-    """Run one task in its own worktree and branch; return its TaskResult."""
+    """Run one task in its own worktree and branch; return its TaskResult.
+
+    ``settings_block`` names a ClaudeCodeSettings block whose credentials the session gets;
+    they are loaded here so they never travel as (stored) parameters.
+    """
     logger = get_run_logger()
+    env = await session_env_from_block(settings_block) if settings_block else None
     logger.info("task %s: %s", spec.id, spec.title)
     root = Path(worktree_root) if worktree_root else default_worktree_root()
     dep_branches = [dep.branch for dep in dependencies or [] if dep.branch]
@@ -66,6 +74,8 @@ async def run_worker(
             worktree_root=root,
             keep_worktree=keep_worktree,
             log=logger.info,
+            session_slot=session_slot,
+            env=env,
         )
     await publish_task_artifacts(result, run_id)
     logger.info(

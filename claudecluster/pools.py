@@ -1,0 +1,83 @@
+"""Which work pool runs a task, and the worker deployment that reaches it.
+
+``local`` (the default) runs a task as an in-process task run of the goal's flow run. Any
+other name is a Prefect work pool: the task runs as a flow run of the ``claudecluster-worker``
+deployment that targets that pool (``deployments/prefect.yaml`` has one per pool). The pool
+is chosen per task (``pool`` in the plan), else by ``--pool``, else by the plan's ``pool``.
+Every pool a plan uses is checked before anything starts.
+"""
+
+from __future__ import annotations
+
+from claudecluster.errors import ConfigError, UsageError
+from claudecluster.models import TaskSpec
+
+LOCAL_POOL = "local"
+WORKER_FLOW_NAME = "claudecluster-worker"
+
+
+def pool_for(spec: TaskSpec, *, run_pool: str | None, plan_pool: str | None) -> str:
+    """The pool ``spec`` runs on: its own, else the run's, else the plan's, else local."""
+    return spec.pool or run_pool or plan_pool or LOCAL_POOL
+
+
+class UnknownPoolError(UsageError):
+    """A task names a work pool that does not exist or has no worker deployment."""
+
+    def __init__(self, message: str, *, pool: str, hint: str | None = None) -> None:
+        super().__init__(message, hint=hint)
+        self.pool = pool
+
+
+def worker_deployments(pools: set[str]) -> dict[str, str]:
+    """``{pool: "claudecluster-worker/<deployment>"}`` for every non-local pool in ``pools``.
+
+    Raises UnknownPoolError for a pool that does not exist or that no worker deployment
+    targets.
+    """
+    remote = sorted(p for p in pools if p != LOCAL_POOL)
+    if not remote:
+        return {}
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (
+        FlowFilter,
+        FlowFilterName,
+        WorkPoolFilter,
+        WorkPoolFilterName,
+    )
+    from prefect.exceptions import ObjectNotFound
+
+    found: dict[str, str] = {}
+    try:
+        with get_client(sync_client=True) as client:
+            for pool in remote:
+                try:
+                    client.read_work_pool(pool)
+                except ObjectNotFound:
+                    raise UnknownPoolError(
+                        f"unknown pool {pool!r}: no such work pool on the Prefect server",
+                        pool=pool,
+                        hint="Run `claudecluster setup`, or use --pool local.",
+                    ) from None
+            deployments = client.read_deployments(
+                flow_filter=FlowFilter(name=FlowFilterName(any_=[WORKER_FLOW_NAME])),
+                work_pool_filter=WorkPoolFilter(name=WorkPoolFilterName(any_=remote)),
+            )
+    except UsageError:
+        raise
+    except Exception as exc:  # an unreachable server is a setup problem, not a crash
+        raise ConfigError(
+            f"cannot look up work pools on the Prefect server: {exc}",
+            hint="Check PREFECT_API_URL, or use --pool local.",
+        ) from exc
+    for deployment in deployments:
+        if deployment.work_pool_name and deployment.work_pool_name not in found:
+            found[deployment.work_pool_name] = f"{WORKER_FLOW_NAME}/{deployment.name}"
+    missing = [pool for pool in remote if pool not in found]
+    if missing:
+        raise UnknownPoolError(
+            f"pool {missing[0]!r} has no {WORKER_FLOW_NAME} deployment",
+            pool=missing[0],
+            hint="Deploy it: prefect deploy --all --prefect-file deployments/prefect.yaml",
+        )
+    return found

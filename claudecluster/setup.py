@@ -1,0 +1,89 @@
+"""``claudecluster setup``: prepare a Prefect server for ClaudeCluster in one step.
+
+It creates (or updates) the work pools from the base job templates in ``infra/``, creates the
+cluster-wide session concurrency limit, and registers ClaudeCluster's block types. It is
+idempotent: run it again after upgrading. Deploy the flows afterwards from the repository
+root::
+
+    prefect deploy --all --prefect-file deployments/prefect.yaml
+"""
+
+from __future__ import annotations
+
+import json
+from importlib.resources import files
+from typing import Any
+
+from pydantic import Field
+
+from claudecluster.limits import SESSION_LIMIT, ensure_limits
+from claudecluster.models import _Model
+
+PROCESS_POOL = "claudecluster-process"
+
+# pool name -> (worker type, template path inside claudecluster.infra)
+POOLS: dict[str, tuple[str, str]] = {
+    PROCESS_POOL: ("process", "process/base-job-template.json"),
+}
+
+
+class SetupReport(_Model):
+    """What setup created or updated."""
+
+    pools: dict[str, str] = Field(description="Pool name -> 'created' or 'updated'.")
+    session_limit: int = Field(description="Slots of the claudecluster-sessions limit.")
+    blocks: list[str] = Field(description="Block types registered.")
+
+
+def base_job_template(path: str) -> dict[str, Any]:
+    """A base job template shipped in ``infra/``."""
+    data: dict[str, Any] = json.loads((files("claudecluster.infra") / path).read_text())
+    return data
+
+
+def ensure_pool(name: str, worker_type: str, template: dict[str, Any]) -> str:
+    """Create the work pool, or update its template; returns 'created' or 'updated'."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate, WorkPoolUpdate
+    from prefect.exceptions import ObjectNotFound
+
+    with get_client(sync_client=True) as client:
+        try:
+            client.read_work_pool(name)
+        except ObjectNotFound:
+            client.create_work_pool(
+                WorkPoolCreate(
+                    name=name,
+                    type=worker_type,
+                    base_job_template=template,
+                    description="ClaudeCluster workers (created by `claudecluster setup`)",
+                )
+            )
+            return "created"
+        client.update_work_pool(name, WorkPoolUpdate(base_job_template=template))
+        return "updated"
+
+
+def register_blocks() -> list[str]:
+    """Register ClaudeCluster's block types so they show in the UI."""
+    from claudecluster.blocks import ClaudeCodeSettings, TargetRepository
+
+    registered = []
+    for block in (ClaudeCodeSettings, TargetRepository):
+        block.register_type_and_schema(_sync=True)  # type: ignore[call-arg]
+        registered.append(block.get_block_type_slug())
+    return registered
+
+
+def setup(*, sessions: int | None = None, pools: list[str] | None = None) -> SetupReport:
+    """Create pools, the session limit and the block types on the current Prefect server."""
+    created = {}
+    for name in pools or list(POOLS):
+        worker_type, template_path = POOLS[name]
+        created[name] = ensure_pool(name, worker_type, base_job_template(template_path))
+    return SetupReport(
+        pools=created, session_limit=ensure_limits(sessions), blocks=register_blocks()
+    )
+
+
+__all__ = ["POOLS", "PROCESS_POOL", "SESSION_LIMIT", "SetupReport", "setup"]

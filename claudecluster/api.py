@@ -17,6 +17,7 @@ from claudecluster.errors import ConfigError, UsageError
 from claudecluster.models import RunReport, WorkerSettings
 from claudecluster.plan import Plan, load_plan_file, validate_plan
 from claudecluster.prefect_server import ServerInfo
+from claudecluster.sweep import SweepSpec
 
 T = TypeVar("T")
 
@@ -161,6 +162,45 @@ def run_goal(
         raise report
     if not isinstance(report, RunReport):
         raise RuntimeError(f"the goal flow returned {type(report).__name__}, not a RunReport")
+    if server is not None and report.flow_run_id:
+        report.ui_url = prefect_server.flow_run_url(server, report.flow_run_id)
+    return report
+
+
+def run_sweep(
+    sweep: SweepSpec,
+    repo: str | Path,
+    *,
+    max_parallel: int | None = None,
+    settings: WorkerSettings | None = None,
+    pool: str | None = None,
+    settings_block: str | None = None,
+    ephemeral: bool = False,
+) -> RunReport:
+    """Run a sweep now: select and batch its files, run the tasks, merge, verify, report."""
+    git_repo = gitops.open_repo(repo)
+    if settings_block is None:
+        require_credentials()
+    server = connect(ephemeral=ephemeral)
+    from claudecluster.pools import worker_deployments
+
+    worker_deployments({pool} if pool else set())
+    from claudecluster.flows.sweep import sweep_flow
+
+    state = sweep_flow(
+        sweep=sweep,
+        repo=str(git_repo.working_dir),
+        max_parallel=max_parallel or default_parallelism(),
+        pool=pool,
+        settings=settings,
+        settings_block=settings_block,
+        return_state=True,
+    )
+    report = state.result(raise_on_failure=False)
+    if isinstance(report, BaseException):
+        raise report
+    if not isinstance(report, RunReport):
+        raise RuntimeError(f"the sweep flow returned {type(report).__name__}, not a RunReport")
     if server is not None and report.flow_run_id:
         report.ui_url = prefect_server.flow_run_url(server, report.flow_run_id)
     return report

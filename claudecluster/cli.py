@@ -251,6 +251,40 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return EXIT_OK if report.status == "succeeded" else EXIT_FAILED
 
 
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    from claudecluster.report import print_run_report
+    from claudecluster.sweep import SweepSpec
+
+    spec = SweepSpec(
+        name=args.name,
+        prompt=args.prompt,
+        include=args.include or ["**/*.py"],
+        exclude=args.exclude,
+        changed_since_last=args.changed_since_last,
+        batch_size=args.batch_size,
+        max_files=args.max_files,
+        kind=args.kind,
+        verify=args.verify,
+    )
+    _announce_server(args)
+    report = api.run_sweep(
+        spec,
+        args.repo,
+        max_parallel=args.max_parallel,
+        settings=settings_from_args(args),
+        pool=args.pool,
+        settings_block=args.settings_block,
+        ephemeral=args.ephemeral,
+    )
+    if args.json:
+        print(report.model_dump_json(indent=2))
+    elif not report.tasks:
+        print(f"sweep {args.name}: no files to sweep")
+    else:
+        print_run_report(report)
+    return EXIT_OK if report.status == "succeeded" else EXIT_FAILED
+
+
 def _cmd_setup(args: argparse.Namespace) -> int:
     from claudecluster.setup import setup
 
@@ -368,6 +402,34 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--verbose", action="store_true", help="show Prefect's logs too")
     add_backend_options(demo)
     demo.set_defaults(handler=_cmd_demo)
+
+    sweep = sub.add_parser("sweep", help="apply a prompt template to a set of files, now")
+    sweep.add_argument("name", help="name of the sweep (its 'changed since' state is per name)")
+    sweep.add_argument("--repo", required=True, help="path of the git repository")
+    sweep.add_argument(
+        "--prompt", required=True, help="prompt template; {files} becomes the batch's files"
+    )
+    sweep.add_argument("--include", action="append", help="glob of files (repeatable)")
+    sweep.add_argument("--exclude", action="append", default=[], help="glob to skip")
+    sweep.add_argument(
+        "--changed-since-last",
+        action="store_true",
+        help="only files changed since the last successful sweep of this name",
+    )
+    sweep.add_argument("--batch-size", type=_positive_int, default=5, help="files per task")
+    sweep.add_argument("--max-files", type=_positive_int, default=50, help="most files per run")
+    sweep.add_argument(
+        "--kind", default="refactor", choices=["scaffold", "refactor", "test", "docs", "other"]
+    )
+    sweep.add_argument("--verify", help="command that checks the work")
+    sweep.add_argument("--max-parallel", type=_positive_int, help="concurrent sessions")
+    sweep.add_argument("--pool", help="work pool for the tasks (default: local)")
+    sweep.add_argument("--settings-block", help="ClaudeCodeSettings block to use")
+    sweep.add_argument("--json", action="store_true", help="print the RunReport as JSON only")
+    sweep.add_argument("--verbose", action="store_true", help="show Prefect's logs too")
+    add_session_options(sweep)
+    add_backend_options(sweep)
+    sweep.set_defaults(handler=_cmd_sweep)
 
     setup_cmd = sub.add_parser(
         "setup", help="create work pools, the session limit and block types on the server"

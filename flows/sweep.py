@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from prefect import flow, get_run_logger
 from prefect.client.schemas.objects import State
-from prefect.states import Completed
+from prefect.states import Completed, Failed
 
 from claudecluster import gitops
 from claudecluster.blocks.repository import load_target
@@ -74,6 +74,10 @@ def sweep_flow(
         settings_block=settings_block,
         return_state=True,
     )
+    outcome = state.result(raise_on_failure=False)
+    if not isinstance(outcome, RunReport):
+        return Failed(message=f"the sweep's goal run ended without a report: {outcome!r}"[:500])
     if state.is_completed():
         record_sweep(sweep.name, git_repo, base)
-    return state
+        return Completed(data=outcome, message=state.message)
+    return Failed(data=outcome, message=state.message)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import cast
+
 from prefect.blocks.core import Block
 from pydantic import Field, SecretStr
 
@@ -29,6 +31,13 @@ class TargetRepository(Block):
         default=None, description="Token or password for https URLs (never logged)."
     )
 
+    def git_env(self) -> dict[str, str]:
+        """Git's environment for this block's credentials (empty without any)."""
+        from claudecluster.remote import credential_env
+
+        secret = self.credentials.get_secret_value() if self.credentials else None
+        return credential_env(self.username, secret)
+
     @property
     def is_remote(self) -> bool:
         """True when ``location`` is a URL rather than a local path."""
@@ -40,3 +49,9 @@ def load_target(name: str) -> TargetRepository:
     block = TargetRepository.load(name, _sync=True)  # type: ignore[call-arg]
     assert isinstance(block, TargetRepository)
     return block
+
+
+async def git_env_from_block(name: str) -> dict[str, str]:
+    """Git's environment for a TargetRepository block's credentials (empty without any)."""
+    block = cast(TargetRepository, await TargetRepository.aload(name))
+    return block.git_env()

@@ -17,6 +17,7 @@ from claudecluster.errors import ConfigError, UsageError
 from claudecluster.models import RunReport, WorkerSettings
 from claudecluster.plan import Plan, load_plan_file, validate_plan
 from claudecluster.prefect_server import ServerInfo
+from claudecluster.remote import cache_clone, is_remote
 from claudecluster.sweep import SweepSpec
 
 T = TypeVar("T")
@@ -113,7 +114,7 @@ def run_goal(
         )
     if repo is None and repo_block is None:
         raise UsageError("no repository given", hint="Pass --repo PATH or --repo-block NAME.")
-    if repo is not None:
+    if repo is not None and not is_remote(repo):
         gitops.open_repo(repo)  # fail on a bad repo before starting any server
     if goal is not None and plan is None and plan_file is None:
         check_goal(goal)
@@ -126,7 +127,14 @@ def run_goal(
         target = _load_block(load_target, repo_block, "repository")
         repo, base = target.location, base or target.branch
     assert repo is not None
-    git_repo = gitops.open_repo(repo)
+    git_env = target.git_env() if repo_block is not None else {}
+    if is_remote(repo):
+        from claudecluster.worker import default_worktree_root
+
+        clones = Path(worktree_root or default_worktree_root()) / "clones"
+        git_repo = cache_clone(str(repo), clones, env=git_env)
+    else:
+        git_repo = gitops.open_repo(repo)
     root = Path(git_repo.working_dir)
     base_commit = gitops.resolve_commit(git_repo, base)
     checked = prepare_plan(root, plan=plan, plan_file=plan_file, max_tasks=max_tasks)
@@ -144,7 +152,7 @@ def run_goal(
 
     state = goal_flow(
         goal=goal_text,
-        repo=str(root),
+        repo=str(repo) if is_remote(repo) else str(root),
         plan=checked,
         verify=verify,
         max_parallel=max_parallel or default_parallelism(),
@@ -155,6 +163,7 @@ def run_goal(
         worktree_root=str(worktree_root) if worktree_root else None,
         pool=pool,
         settings_block=settings_block,
+        repo_block=repo_block,
         return_state=True,
     )
     report = state.result(raise_on_failure=False)

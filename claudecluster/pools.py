@@ -9,6 +9,8 @@ Every pool a plan uses is checked before anything starts.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from claudecluster.errors import ConfigError, UsageError
 from claudecluster.models import TaskSpec
 
@@ -29,8 +31,21 @@ class UnknownPoolError(UsageError):
         self.pool = pool
 
 
-def worker_deployments(pools: set[str]) -> dict[str, str]:
-    """``{pool: "claudecluster-worker/<deployment>"}`` for every non-local pool in ``pools``.
+@dataclass(frozen=True)
+class PoolTarget:
+    """Where tasks of one work pool go."""
+
+    deployment: str
+    pool_type: str
+
+    @property
+    def shares_disk(self) -> bool:
+        """True when the pool's workers see the driver's files (so a local path works)."""
+        return self.pool_type == "process"
+
+
+def worker_deployments(pools: set[str]) -> dict[str, PoolTarget]:
+    """The worker deployment (and pool type) for every non-local pool in ``pools``.
 
     Raises UnknownPoolError for a pool that does not exist or that no worker deployment
     targets.
@@ -47,12 +62,13 @@ def worker_deployments(pools: set[str]) -> dict[str, str]:
     )
     from prefect.exceptions import ObjectNotFound
 
-    found: dict[str, str] = {}
+    found: dict[str, PoolTarget] = {}
+    types: dict[str, str] = {}
     try:
         with get_client(sync_client=True) as client:
             for pool in remote:
                 try:
-                    client.read_work_pool(pool)
+                    types[pool] = client.read_work_pool(pool).type
                 except ObjectNotFound:
                     raise UnknownPoolError(
                         f"unknown pool {pool!r}: no such work pool on the Prefect server",
@@ -72,7 +88,10 @@ def worker_deployments(pools: set[str]) -> dict[str, str]:
         ) from exc
     for deployment in deployments:
         if deployment.work_pool_name and deployment.work_pool_name not in found:
-            found[deployment.work_pool_name] = f"{WORKER_FLOW_NAME}/{deployment.name}"
+            found[deployment.work_pool_name] = PoolTarget(
+                deployment=f"{WORKER_FLOW_NAME}/{deployment.name}",
+                pool_type=types[deployment.work_pool_name],
+            )
     missing = [pool for pool in remote if pool not in found]
     if missing:
         raise UnknownPoolError(

@@ -14,6 +14,7 @@ on upstream futures would occupy one of the ``max_parallel`` threads while it wa
 from __future__ import annotations
 
 import time
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,7 @@ from prefect.states import Completed, Failed
 from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import BaseModel
 
-from claudecluster import gitops
+from claudecluster import gitops, remote
 from claudecluster.artifacts import publish_run_artifacts
 from claudecluster.blocks.repository import load_target
 from claudecluster.blocks.settings import resolve_settings
@@ -43,8 +44,15 @@ from claudecluster.models import (
     TokenUsage,
     WorkerSettings,
 )
-from claudecluster.plan import Plan, ancestors, paths_overlap, topological_order, validate_plan
-from claudecluster.pools import LOCAL_POOL, pool_for, worker_deployments
+from claudecluster.plan import (
+    Plan,
+    ancestors,
+    paths_overlap,
+    pools_in,
+    topological_order,
+    validate_plan,
+)
+from claudecluster.pools import LOCAL_POOL, PoolTarget, pool_for, worker_deployments
 from claudecluster.progress import RunProgress
 from claudecluster.tasks.integrate import integrate_branches
 from claudecluster.tasks.plan import plan_goal
@@ -118,11 +126,17 @@ def run_tasks(
     progress: RunProgress,
     pool: str | None = None,
     settings_block: str | None = None,
+    repo_block: str | None = None,
+    targets: dict[str, PoolTarget] | None = None,
+    repo_url: str | None = None,
 ) -> dict[str, TaskResult]:
-    """Run every task of ``plan`` on its pool; return results by task id."""
+    """Run every task of ``plan`` on its pool; return results by task id.
+
+    ``repo`` is a path on this machine; pools whose workers share no disk with it get
+    ``repo_url`` instead (the repository's URL, or the run's served copy).
+    """
     logger = get_run_logger()
-    pools = {pool_for(t, run_pool=pool, plan_pool=plan.pool) for t in plan.tasks}
-    deployments = worker_deployments(pools)
+    targets = targets or {}
     pending = topological_order(plan)
     futures: dict[str, PrefectFuture[TaskResult]] = {}
     running: list[str] = []
@@ -154,6 +168,7 @@ def run_tasks(
                     "run_id": run_id,
                     "verify": spec.verify or plan.verify,
                     "settings_block": settings_block,
+                    "repo_block": repo_block,
                 }
                 task_pool = pool_for(spec, run_pool=pool, plan_pool=plan.pool)
                 if task_pool == LOCAL_POOL:
@@ -162,8 +177,11 @@ def run_tasks(
                     parameters["worktree_root"] = worktree_root
                     futures[spec.id] = runner.submit(run_worker, parameters)  # type: ignore[arg-type]
                 else:
+                    target = targets[task_pool]
+                    if not target.shares_disk:
+                        parameters["repo"] = repo_url
                     parameters["dependencies"] = [results[d] for d in spec.depends_on]
-                    futures[spec.id] = dispatch_to_pool(deployments[task_pool], parameters, run_id)
+                    futures[spec.id] = dispatch_to_pool(target.deployment, parameters, run_id)
                     logger.info("%s dispatched to pool %s", spec.id, task_pool)
                 running.append(spec.id)
                 progress.started(spec.id)
@@ -278,6 +296,15 @@ def _planning_failed(
     )
 
 
+def publish_branches(repo: Any, report: RunReport, *, env: dict[str, str]) -> None:
+    """Push the run's task branches and its integration branch to a remote repository."""
+    branches = [r.branch for r in report.tasks if r.branch]
+    if report.integration_branch:
+        branches.append(report.integration_branch)
+    for branch in branches:
+        remote.push(repo, branch, env=env)
+
+
 def _goal_run_name() -> str:
     """The flow run's name is its run id: the one given, or a new one (deployment runs)."""
     from prefect.runtime import flow_run
@@ -342,12 +369,19 @@ def goal_flow(
     context = FlowRunContext.get()
     run_id = run_id or (context.flow_run.name if context and context.flow_run else new_run_id())
     root = worktree_root or str(default_worktree_root())
+    git_env: dict[str, str] = {}
     if repo_block:
         target = load_target(repo_block)
         repo, base_commit = target.location, base_commit or target.branch
+        git_env = target.git_env()
     if not repo:
         raise UsageError("no repository given", hint="Pass repo or repo_block.")
-    git_repo = gitops.open_repo(repo)
+    url = repo if remote.is_remote(repo) else None
+    git_repo = (
+        remote.cache_clone(url, Path(root) / "clones", env=git_env)
+        if url
+        else gitops.open_repo(repo)
+    )
     repo = str(Path(git_repo.working_dir))
     base = gitops.resolve_commit(git_repo, base_commit)
     if plan is not None and not goal:
@@ -382,18 +416,29 @@ def goal_flow(
     progress.planned(len(plan.tasks))
     logger.info("run %s: %d tasks from %s", run_id, len(plan.tasks), base[:12])
 
-    results = run_tasks(
-        plan,
-        repo=repo,
-        base_commit=base,
-        settings=settings,
-        run_id=run_id,
-        max_parallel=max_parallel,
-        worktree_root=root,
-        progress=progress,
-        pool=pool,
-        settings_block=settings_block,
-    )
+    targets = worker_deployments(pools_in(plan, pool))
+    with ExitStack() as stack:
+        repo_url = url
+        if repo_url is None and not all(t.shares_disk for t in targets.values()):
+            repo_url = stack.enter_context(remote.ServedRepository(Path(repo))).url
+            logger.info("serving %s to the pools' workers at %s", repo, repo_url)
+        results = run_tasks(
+            plan,
+            repo=repo,
+            base_commit=base,
+            settings=settings,
+            run_id=run_id,
+            max_parallel=max_parallel,
+            worktree_root=root,
+            progress=progress,
+            pool=pool,
+            settings_block=settings_block,
+            repo_block=repo_block,
+            targets=targets,
+            repo_url=repo_url,
+        )
+    if url:  # workers in containers pushed their branches to the remote
+        remote.fetch(git_repo, env=git_env, pattern=f"{gitops.BRANCH_PREFIX}/{run_id}/*")
     progress.integrating()
     integration = integrate_branches(
         repo, base, run_id, plan, results, plan.verify, settings.verify_timeout_s, root
@@ -409,6 +454,8 @@ def goal_flow(
         planner=planner_result,
         started=started,
     )
+    if url:
+        publish_branches(git_repo, report, env=git_env)
     publish_run_artifacts(report, plan)
     progress.complete(f"run {report.status}")
     if report.status is RunStatus.SUCCEEDED:

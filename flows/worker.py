@@ -31,6 +31,7 @@ async def worker_flow(
     dependencies: list[TaskResult] | None = None,
     worktree_root: str | None = None,
     settings_block: str | None = None,
+    repo_block: str | None = None,
 ) -> TaskResult:
     """Run one task in its own worktree and branch; return its TaskResult."""
     return await run_worker(
@@ -43,4 +44,5 @@ async def worker_flow(
         dependencies=dependencies,
         worktree_root=worktree_root,
         settings_block=settings_block,
+        repo_block=repo_block,
     )

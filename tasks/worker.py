@@ -12,11 +12,13 @@ from pathlib import Path
 from prefect import get_run_logger, task
 from prefect.cache_policies import NONE
 
-from claudecluster import gitops
+from claudecluster import gitops, remote
 from claudecluster.artifacts import publish_task_artifacts
+from claudecluster.blocks.repository import git_env_from_block
 from claudecluster.blocks.settings import session_env_from_block
 from claudecluster.limits import session_slot
 from claudecluster.models import FailureReason, TaskResult, TaskSpec, TaskStatus, WorkerSettings
+from claudecluster.redact import redact
 from claudecluster.worker import default_worktree_root, execute_task
 
 
@@ -32,20 +34,27 @@ async def run_worker(
     worktree_root: str | None = None,
     keep_worktree: bool = False,
     settings_block: str | None = None,
+    repo_block: str | None = None,
 ) -> TaskResult:
     """Run one task in its own worktree and branch; return its TaskResult.
 
     ``settings_block`` names a ClaudeCodeSettings block whose credentials the session gets;
-    they are loaded here so they never travel as (stored) parameters.
+    ``repo_block`` a TargetRepository block with git credentials. Both are loaded here so
+    secrets never travel as (stored) parameters. When ``repo`` is a URL, the task works in a
+    clone and pushes its branch back.
     """
     logger = get_run_logger()
     env = await session_env_from_block(settings_block) if settings_block else None
+    git_env = await git_env_from_block(repo_block) if repo_block else None
     logger.info("task %s: %s", spec.id, spec.title)
     root = Path(worktree_root) if worktree_root else default_worktree_root()
     dep_branches = [dep.branch for dep in dependencies or [] if dep.branch]
+    url = repo if remote.is_remote(repo) else None
+    local = remote.cache_clone(url, root / "clones", env=git_env) if url else None
+    repo = str(local.working_dir) if local else repo
     try:
         start = gitops.combine_branches(
-            gitops.open_repo(repo),
+            local or gitops.open_repo(repo),
             base_commit,
             dep_branches,
             root=root / run_id,
@@ -77,6 +86,9 @@ async def run_worker(
             session_slot=session_slot,
             env=env,
         )
+        if local is not None and result.branch:
+            remote.push(local, result.branch, env=git_env)
+            logger.info("pushed %s to %s", result.branch, redact(str(url)))
     await publish_task_artifacts(result, run_id)
     logger.info(
         "task %s %s: %d files, +%d/-%d, %d turns, $%.4f%s",

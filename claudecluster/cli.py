@@ -17,7 +17,7 @@ from pydantic import ValidationError
 
 from claudecluster import api
 from claudecluster.errors import ClaudeClusterError, UsageError
-from claudecluster.models import RunReport, TaskResult, TaskSpec, TaskStatus, WorkerSettings
+from claudecluster.models import RunReport, TaskResult, TaskSpec, WorkerSettings
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -117,7 +117,7 @@ def _cmd_task(args: argparse.Namespace) -> int:
         from claudecluster.report import print_task_result
 
         print_task_result(result)
-    return EXIT_OK if result.status in (TaskStatus.SUCCEEDED, TaskStatus.NO_CHANGES) else 1
+    return EXIT_OK if result.status.ok else EXIT_FAILED
 
 
 def _announce_server(args: argparse.Namespace) -> None:

@@ -11,7 +11,9 @@ GitPython's exceptions are translated into :class:`~claudecluster.errors.GitErro
 
 from __future__ import annotations
 
+import fcntl
 import shutil
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -132,21 +134,50 @@ def add_worktree(repo: git.Repo, path: Path, branch: str, base_commit: str) -> W
     holds no commits beyond the base; otherwise the earlier work is kept and GitError raised.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
-    if path.exists():
-        remove_worktree(repo, path)
-    if branch_exists(repo, branch):
-        if commits_ahead(repo, base_commit, branch):
-            raise GitError(
-                f"branch {branch} already holds commits; refusing to overwrite them",
-                command=f"git worktree add {path}",
-            )
-        _git(repo, "branch", "-D", branch)
-    _git(repo, "worktree", "add", "--quiet", "-b", branch, str(path), base_commit)
+    with worktree_lock(repo):
+        if path.exists():
+            _remove_worktree(repo, path)
+        if branch_exists(repo, branch):
+            if commits_ahead(repo, base_commit, branch):
+                raise GitError(
+                    f"branch {branch} already holds commits; refusing to overwrite them",
+                    command=f"git worktree add {path}",
+                )
+            _git(repo, "branch", "-D", branch)
+        _git(repo, "worktree", "add", "--quiet", "-b", branch, str(path), base_commit)
     return Worktree(path=path, branch=branch, base_commit=base_commit)
+
+
+_thread_locks: dict[str, threading.Lock] = {}
+_thread_locks_guard = threading.Lock()
+
+
+@contextmanager
+def worktree_lock(repo: git.Repo) -> Iterator[None]:
+    """Serialise worktree and branch bookkeeping on one repository.
+
+    Git (2.39) reads every registered worktree's admin folder while adding or pruning one,
+    and fails on one that another process is half-way through creating; parallel workers
+    must take turns. A thread lock covers this process, a file lock the other processes.
+    """
+    common = Path(repo.common_dir).resolve()
+    with _thread_locks_guard:
+        lock = _thread_locks.setdefault(str(common), threading.Lock())
+    with lock, open(common / "claudecluster.lock", "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def remove_worktree(repo: git.Repo, path: Path) -> None:
     """Remove a worktree directory and its registration; its branch is kept."""
+    with worktree_lock(repo):
+        _remove_worktree(repo, path)
+
+
+def _remove_worktree(repo: git.Repo, path: Path) -> None:
     if path.exists():
         try:
             _git(repo, "worktree", "remove", "--force", "--force", str(path))
@@ -171,7 +202,8 @@ def commits_ahead(repo: git.Repo, base: str, ref: str) -> int:
 
 def delete_branch(repo: git.Repo, branch: str) -> None:
     """Delete a branch that holds no unique work (callers check first)."""
-    _git(repo, "branch", "-D", branch)
+    with worktree_lock(repo):
+        _git(repo, "branch", "-D", branch)
 
 
 @contextmanager
@@ -307,10 +339,11 @@ def merge_branch(worktree: git.Repo, branch: str, message: str, *, no_ff: bool =
 def scratch_worktree(repo: git.Repo, root: Path, name: str, commit: str) -> Iterator[git.Repo]:
     """A detached worktree at ``commit`` that is removed afterwards."""
     path = root / name
-    if path.exists():
-        remove_worktree(repo, path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    _git(repo, "worktree", "add", "--quiet", "--detach", str(path), commit)
+    with worktree_lock(repo):
+        if path.exists():
+            _remove_worktree(repo, path)
+        _git(repo, "worktree", "add", "--quiet", "--detach", str(path), commit)
     try:
         yield git.Repo(path)
     finally:

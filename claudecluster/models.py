@@ -112,6 +112,11 @@ class TaskStatus(StrEnum):
     ERROR = "error"
     SKIPPED = "skipped"
 
+    @property
+    def ok(self) -> bool:
+        """True for a task that finished its work: succeeded, or found nothing to change."""
+        return self in (TaskStatus.SUCCEEDED, TaskStatus.NO_CHANGES)
+
 
 class FailureReason(StrEnum):
     """Why a task did not succeed; each limit has its own reason."""

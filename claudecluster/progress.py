@@ -18,7 +18,7 @@ from uuid import UUID
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from pydantic import Field
 
-from claudecluster.models import TaskResult, TaskStatus, _Model
+from claudecluster.models import TaskResult, _Model
 
 EventKind = Literal["planning", "planned", "started", "finished", "integrating", "done"]
 Listener = Callable[["ProgressEvent"], None]
@@ -117,7 +117,7 @@ class RunProgress:
         if result.id in self.running:
             self.running.remove(result.id)
         self.done.append(result.id)
-        if result.status not in (TaskStatus.SUCCEEDED, TaskStatus.NO_CHANGES):
+        if not result.status.ok:
             self.failed.append(result.id)
         self.cost_usd += result.cost_usd
         self._publish()

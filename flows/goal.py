@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger
+from prefect.artifacts import create_markdown_artifact
 from prefect.client.schemas.objects import FlowRun, State
 from prefect.context import FlowRunContext
 from prefect.deployments import run_deployment
@@ -28,7 +29,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import BaseModel
 
 from claudecluster import gitops, remote
-from claudecluster.artifacts import publish_run_artifacts
+from claudecluster.artifacts import artifact_key, plan_markdown, publish_run_artifacts
 from claudecluster.blocks.repository import load_target
 from claudecluster.blocks.settings import resolve_settings
 from claudecluster.errors import PlannerError, UsageError
@@ -149,7 +150,7 @@ def run_tasks(
                     break
                 if any(dep not in results for dep in spec.depends_on):
                     continue
-                failed = [d for d in spec.depends_on if results[d].status != TaskStatus.SUCCEEDED]
+                failed = [d for d in spec.depends_on if not results[d].status.ok]
                 if failed:
                     pending.remove(spec)
                     results[spec.id] = _skipped(spec, base_commit, failed)
@@ -245,13 +246,13 @@ def build_report(
     )
     succeeded = (
         len(ordered) == len(plan.tasks)
-        and all(r.status is TaskStatus.SUCCEEDED for r in ordered)
+        and all(r.status.ok for r in ordered)
         and not integration.unmerged
         and (integration.final_verify is None or integration.final_verify.ok)
     )
     problems = []
-    if not all(r.status is TaskStatus.SUCCEEDED for r in ordered):
-        bad = [f"{r.id} {r.status}" for r in ordered if r.status is not TaskStatus.SUCCEEDED]
+    if not all(r.status.ok for r in ordered):
+        bad = [f"{r.id} {r.status}" for r in ordered if not r.status.ok]
         problems.append("tasks not succeeded: " + ", ".join(bad))
     if integration.unmerged:
         problems.append("not merged: " + ", ".join(u.id for u in integration.unmerged))
@@ -413,6 +414,9 @@ def goal_flow(
         if verify is not None:
             plan.verify = verify
     plan.goal = plan.goal or goal
+    create_markdown_artifact(
+        key=artifact_key(run_id, "plan"), markdown=plan_markdown(plan), description="The plan"
+    )
     progress.planned(len(plan.tasks))
     logger.info("run %s: %d tasks from %s", run_id, len(plan.tasks), base[:12])
 

@@ -7,10 +7,8 @@ from pathlib import Path
 
 import anyio
 from prefect import get_run_logger, task
-from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NONE
 
-from claudecluster.artifacts import artifact_key, plan_markdown
 from claudecluster.blocks.settings import resolve_settings
 from claudecluster.limits import session_slot
 from claudecluster.models import TaskResult, TaskStatus, WorkerSettings
@@ -46,9 +44,6 @@ def plan_goal(
             session_slot=session_slot,
             env=resolve_settings(None, settings_block)[1] if settings_block else None,
         )
-    )
-    create_markdown_artifact(
-        key=artifact_key(run_id, "plan"), markdown=plan_markdown(plan), description="The plan"
     )
     accounting = TaskResult(
         id="plan",

@@ -61,6 +61,10 @@ def claudecluster_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pat
     try:
         yield home
     finally:
+        from claudecluster.prefect_server import stop_server
+
+        # A test that ran a goal without a backend fixture started the embedded server here.
+        stop_server(home)
         if saved is None:
             os.environ.pop("CLAUDECLUSTER_HOME", None)
         else:

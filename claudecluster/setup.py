@@ -20,10 +20,12 @@ from claudecluster.limits import SESSION_LIMIT, ensure_limits
 from claudecluster.models import _Model
 
 PROCESS_POOL = "claudecluster-process"
+DOCKER_POOL = "claudecluster-docker"
 
 # pool name -> (worker type, template path inside claudecluster.infra)
 POOLS: dict[str, tuple[str, str]] = {
     PROCESS_POOL: ("process", "process/base-job-template.json"),
+    DOCKER_POOL: ("docker", "docker/base-job-template.json"),
 }
 
 
@@ -86,4 +88,4 @@ def setup(*, sessions: int | None = None, pools: list[str] | None = None) -> Set
     )
 
 
-__all__ = ["POOLS", "PROCESS_POOL", "SESSION_LIMIT", "SetupReport", "setup"]
+__all__ = ["DOCKER_POOL", "POOLS", "PROCESS_POOL", "SESSION_LIMIT", "SetupReport", "setup"]

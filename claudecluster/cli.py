@@ -290,7 +290,7 @@ def _cmd_setup(args: argparse.Namespace) -> int:
 
     _announce_server(args)
     server = api.connect(ephemeral=False)
-    report = setup(sessions=args.sessions)
+    report = setup(sessions=args.sessions, result_storage=args.result_storage)
     where = server.api_url if server else os.environ.get("PREFECT_API_URL", "Prefect")
     print(f"Prepared {where} for ClaudeCluster:")
     for pool, what in report.pools.items():
@@ -438,6 +438,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--sessions",
         type=_positive_int,
         help="cluster-wide cap on concurrent Claude Code sessions (default 8, or keep current)",
+    )
+    setup_cmd.add_argument(
+        "--result-storage",
+        metavar="BLOCK_SLUG",
+        help="filesystem block container pools persist results to, e.g. s3-bucket/results "
+        "(containers share no disk with the driver)",
     )
     setup_cmd.set_defaults(handler=_cmd_setup, ephemeral=False)
 

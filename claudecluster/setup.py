@@ -77,12 +77,35 @@ def register_blocks() -> list[str]:
     return registered
 
 
-def setup(*, sessions: int | None = None, pools: list[str] | None = None) -> SetupReport:
-    """Create pools, the session limit and the block types on the current Prefect server."""
+def with_result_storage(template: dict[str, Any], block_slug: str) -> dict[str, Any]:
+    """``template`` whose runs persist results to ``block_slug`` (e.g. an S3 bucket block).
+
+    Containers share no disk with the driver, so their TaskResults must go to storage both
+    can reach; the driver reads each result from the block its record names.
+    """
+    env = template["variables"]["properties"]["env"]
+    env["default"] = {**env.get("default", {}), "PREFECT_RESULTS_DEFAULT_STORAGE_BLOCK": block_slug}
+    return template
+
+
+def setup(
+    *,
+    sessions: int | None = None,
+    pools: list[str] | None = None,
+    result_storage: str | None = None,
+) -> SetupReport:
+    """Create pools, the session limit and the block types on the current Prefect server.
+
+    ``result_storage`` is the slug of a filesystem block (``remote-file-system/NAME``,
+    ``s3-bucket/NAME``, ...) that container pools persist their results to.
+    """
     created = {}
     for name in pools or list(POOLS):
         worker_type, template_path = POOLS[name]
-        created[name] = ensure_pool(name, worker_type, base_job_template(template_path))
+        template = base_job_template(template_path)
+        if result_storage and worker_type != "process":
+            template = with_result_storage(template, result_storage)
+        created[name] = ensure_pool(name, worker_type, template)
     return SetupReport(
         pools=created, session_limit=ensure_limits(sessions), blocks=register_blocks()
     )

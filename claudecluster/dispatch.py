@@ -1,0 +1,179 @@
+"""Running a plan's tasks: each on its pool, as soon as it can start, within the limits.
+
+Scheduling uses Prefect's machinery: local tasks are submitted to a ``ThreadPoolTaskRunner``
+whose width is ``max_parallel`` and receive their dependencies' futures (which draws the
+graph's edges in the UI and hands them their branches); tasks on other pools are started with
+``run_deployment`` and awaited as ``PrefectFlowRunFuture``s. The loop reacts to completions
+with ``as_completed``. A task is submitted only once it can start (its dependencies are done
+and no running task holds a lease on overlapping paths), because a submitted task waiting on
+upstream futures would occupy one of the ``max_parallel`` threads while it waits.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import get_run_logger
+from prefect.client.schemas.objects import FlowRun
+from prefect.deployments import run_deployment
+from prefect.futures import PrefectFlowRunFuture, PrefectFuture, as_completed
+from prefect.task_runners import ThreadPoolTaskRunner
+from pydantic import BaseModel
+
+from claudecluster.models import FailureReason, TaskResult, TaskSpec, TaskStatus, WorkerSettings
+from claudecluster.plan import Plan, ancestors, paths_overlap, topological_order
+from claudecluster.pools import LOCAL_POOL, PoolTarget, pool_for
+from claudecluster.progress import RunProgress
+from claudecluster.tasks.worker import run_worker
+
+
+def _skipped(spec: TaskSpec, base_commit: str, failed: list[str]) -> TaskResult:
+    return TaskResult(
+        id=spec.id,
+        title=spec.title,
+        kind=spec.kind,
+        status=TaskStatus.SKIPPED,
+        failure_reason=FailureReason.DEPENDENCY_FAILED,
+        error="skipped: dependency " + ", ".join(failed) + " did not succeed",
+        base_commit=base_commit,
+    )
+
+
+def _holds_lease(plan: Plan, candidate: TaskSpec, running: list[str]) -> str | None:
+    """The running task whose paths overlap ``candidate``'s, unless they are related."""
+    by_id = plan.by_id()
+    for other_id in running:
+        other = by_id[other_id]
+        related = other_id in ancestors(plan, candidate.id) or candidate.id in ancestors(
+            plan, other_id
+        )
+        if not related and paths_overlap(candidate.paths, other.paths):
+            return other_id
+    return None
+
+
+def dispatch_to_pool(
+    deployment: str, parameters: dict[str, Any], run_id: str
+) -> PrefectFlowRunFuture[TaskResult]:
+    """Start a task as a flow run of a pool's worker deployment; returns at once."""
+    json_parameters = {
+        key: (
+            value.model_dump(mode="json")
+            if isinstance(value, BaseModel)
+            else [v.model_dump(mode="json") for v in value]
+            if isinstance(value, list)
+            else value
+        )
+        for key, value in parameters.items()
+    }
+    flow_run = run_deployment(
+        deployment,
+        parameters=json_parameters,
+        timeout=0,
+        as_subflow=True,
+        tags=["claudecluster", f"claudecluster-run:{run_id}"],
+    )
+    assert isinstance(flow_run, FlowRun)  # a sync flow gets the sync variant
+    return PrefectFlowRunFuture(flow_run_id=flow_run.id)
+
+
+def run_tasks(
+    plan: Plan,
+    *,
+    repo: str,
+    base_commit: str,
+    settings: WorkerSettings,
+    run_id: str,
+    max_parallel: int,
+    worktree_root: str,
+    progress: RunProgress,
+    pool: str | None = None,
+    settings_block: str | None = None,
+    repo_block: str | None = None,
+    targets: dict[str, PoolTarget] | None = None,
+    repo_url: str | None = None,
+) -> dict[str, TaskResult]:
+    """Run every task of ``plan`` on its pool; return results by task id.
+
+    ``repo`` is a path on this machine; pools whose workers share no disk with it get
+    ``repo_url`` instead (the repository's URL, or the run's served copy).
+    """
+    logger = get_run_logger()
+    targets = targets or {}
+    pending = topological_order(plan)
+    futures: dict[str, PrefectFuture[TaskResult]] = {}
+    running: list[str] = []
+    results: dict[str, TaskResult] = {}
+    runner: ThreadPoolTaskRunner[TaskResult]
+    with ThreadPoolTaskRunner(max_workers=max_parallel) as runner:
+        while pending or running:
+            for spec in list(pending):
+                if len(running) >= max_parallel:
+                    break
+                if any(dep not in results for dep in spec.depends_on):
+                    continue
+                failed = [d for d in spec.depends_on if not results[d].status.ok]
+                if failed:
+                    pending.remove(spec)
+                    results[spec.id] = _skipped(spec, base_commit, failed)
+                    logger.warning("skipping %s: %s", spec.id, results[spec.id].error)
+                    progress.finished(results[spec.id])
+                    continue
+                if holder := _holds_lease(plan, spec, running):
+                    logger.info("%s waits: its paths overlap running task %s", spec.id, holder)
+                    continue
+                pending.remove(spec)
+                parameters: dict[str, Any] = {
+                    "repo": repo,
+                    "base_commit": base_commit,
+                    "spec": spec,
+                    "settings": settings,
+                    "run_id": run_id,
+                    "verify": spec.verify or plan.verify,
+                    "settings_block": settings_block,
+                    "repo_block": repo_block,
+                }
+                task_pool = pool_for(spec, run_pool=pool, plan_pool=plan.pool)
+                if task_pool == LOCAL_POOL:
+                    # Passing the futures (not their results) draws the graph's edges.
+                    parameters["dependencies"] = [futures[d] for d in spec.depends_on]
+                    parameters["worktree_root"] = worktree_root
+                    futures[spec.id] = runner.submit(run_worker, parameters)  # type: ignore[arg-type]
+                else:
+                    target = targets[task_pool]
+                    if not target.shares_disk:
+                        parameters["repo"] = repo_url
+                    parameters["dependencies"] = [results[d] for d in spec.depends_on]
+                    futures[spec.id] = dispatch_to_pool(target.deployment, parameters, run_id)
+                    logger.info("%s dispatched to pool %s", spec.id, task_pool)
+                running.append(spec.id)
+                progress.started(spec.id)
+            if not running:
+                break  # everything left was skipped
+            finished = next(as_completed([futures[task_id] for task_id in running]))
+            task_id = next(t for t in running if futures[t] is finished)
+            running.remove(task_id)
+            results[task_id] = _result_of(finished, plan.by_id()[task_id], base_commit)
+            progress.finished(results[task_id])
+    return results
+
+
+def _result_of(future: PrefectFuture[TaskResult], spec: TaskSpec, base: str) -> TaskResult:
+    """A future's TaskResult; a crashed task run becomes an error result, not a crashed run."""
+    try:
+        value = future.result(raise_on_failure=True)
+    except Exception as exc:
+        message = f"task run crashed: {type(exc).__name__}: {exc}"
+    else:
+        if isinstance(value, TaskResult):
+            return value
+        message = f"task run returned {type(value).__name__}, not a TaskResult"
+    return TaskResult(
+        id=spec.id,
+        title=spec.title,
+        kind=spec.kind,
+        status=TaskStatus.ERROR,
+        failure_reason=FailureReason.SESSION_ERROR,
+        error=message[:2000],
+        base_commit=base,
+    )

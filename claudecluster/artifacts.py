@@ -176,6 +176,7 @@ def run_summary_markdown(report: RunReport, plan: Plan | None) -> str:
         f"- tasks: {len(report.tasks)}, cost ${totals.cost_usd:.4f}, tokens {totals.tokens}, "
         f"turns {totals.turns}",
         f"- lines +{totals.added} / -{totals.removed}, duration {totals.duration_s:.1f} s",
+        f"- API calls retried after 429/529: {totals.api_retries}",
     ]
     return redact("\n".join(lines))
 

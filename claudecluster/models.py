@@ -232,6 +232,12 @@ class TaskResult(_Model):
     permission_denials: list[DeniedTool] = Field(
         default_factory=list, description="Tool calls the permission policy refused."
     )
+    api_retries: int = Field(
+        default=0, description="API calls retried after 429/529 answers during the session."
+    )
+    model_fallbacks: int = Field(
+        default=0, description="Times the session switched to the fallback model."
+    )
     worktree: str | None = Field(
         default=None, description="Path of the worktree the task ran in, if it still exists."
     )
@@ -271,6 +277,9 @@ class RunTotals(_Model):
     tokens: int = Field(default=0, description="All tokens, cached or not.")
     duration_s: float = Field(default=0.0, description="Wall-clock time of the whole run.")
     turns: int = Field(default=0, description="Turns of every session.")
+    api_retries: int = Field(
+        default=0, description="API calls retried after 429/529 answers, over all sessions."
+    )
     files_changed: int = Field(default=0, description="Distinct files changed by merged tasks.")
     added: int = Field(default=0, description="Lines added by all tasks.")
     removed: int = Field(default=0, description="Lines removed by all tasks.")

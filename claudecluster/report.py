@@ -113,6 +113,7 @@ def print_run_report(report: RunReport, console: Console | None = None) -> None:
     out.print(
         f"  totals:  {len(report.tasks)} tasks, ${totals.cost_usd:.4f}, {totals.tokens} tokens, "
         f"+{totals.added}/-{totals.removed} lines, {totals.duration_s:.1f} s"
+        + (f", {totals.api_retries} API retries" if totals.api_retries else "")
     )
     if report.ui_url:
         out.print(f"  Prefect: {report.ui_url}")

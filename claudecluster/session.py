@@ -76,6 +76,12 @@ class SessionOutcome(BaseModel):
     api_error_status: int | None = Field(
         default=None, description="HTTP status of a failing API call that ended the session."
     )
+    api_retries: int = Field(
+        default=0, description="API calls Claude Code retried (429 rate limits, 529 overloads)."
+    )
+    model_fallbacks: int = Field(
+        default=0, description="Times Claude Code switched to the fallback model."
+    )
 
 
 _SUBTYPE_REASONS = {
@@ -106,6 +112,14 @@ def describe_message(message: object) -> list[str]:
             if isinstance(block, ToolResultBlock):
                 label = "tool error" if block.is_error else "tool result"
                 lines.append(f"{label}: {_snippet(block.content)}")
+    elif isinstance(message, SystemMessage) and message.subtype == "api_retry":
+        data = message.data
+        lines.append(
+            f"api retry {data.get('attempt')}/{data.get('max_retries')} after HTTP "
+            f"{data.get('error_status')}, waiting {data.get('retry_delay_ms')} ms"
+        )
+    elif isinstance(message, SystemMessage) and message.subtype == "model_fallback":
+        lines.append(f"switched to the fallback model: {_snippet(message.data)}")
     elif isinstance(message, SystemMessage) and message.subtype == "init":
         data = message.data
         lines.append(
@@ -198,6 +212,7 @@ async def run_session(
     started = time.monotonic()
     outcome: SessionOutcome | None = None
     assistant_turns = 0
+    retries = fallbacks = 0
     with tempfile.TemporaryDirectory(prefix="claudecluster-config-") as config_dir:
         options = ClaudeAgentOptions(
             cwd=str(cwd),
@@ -226,6 +241,9 @@ async def run_session(
                         emit(line)
                     if isinstance(message, AssistantMessage):
                         assistant_turns += 1
+                    elif isinstance(message, SystemMessage):
+                        retries += message.subtype == "api_retry"
+                        fallbacks += message.subtype == "model_fallback"
                     elif isinstance(message, ResultMessage):
                         outcome = _outcome_from_result(message)
         except TimeoutError:
@@ -270,6 +288,8 @@ async def run_session(
         outcome.failure_reason = FailureReason.SESSION_ERROR
         outcome.error = "the session ended without returning the requested structured output"
     outcome.duration_s = round(time.monotonic() - started, 3)
+    outcome.api_retries = retries
+    outcome.model_fallbacks = fallbacks
     return outcome
 
 

@@ -40,6 +40,7 @@ def build_report(
         tokens=usage.total,
         duration_s=round(time.monotonic() - started, 3),
         turns=sum(r.turns for r in sessions),
+        api_retries=sum(r.api_retries for r in sessions),
         files_changed=len(merged_files),
         added=sum(r.added for r in ordered),
         removed=sum(r.removed for r in ordered),

@@ -165,6 +165,8 @@ async def execute_task(
     result.cost_usd = outcome.cost_usd
     result.usage = outcome.usage
     result.permission_denials = outcome.permission_denials
+    result.api_retries = outcome.api_retries
+    result.model_fallbacks = outcome.model_fallbacks
     result.failure_reason = outcome.failure_reason
     result.error = outcome.error
 

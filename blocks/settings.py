@@ -47,6 +47,9 @@ class ClaudeCodeSettings(Block):
     verify_timeout_s: float | None = Field(
         default=None, gt=0, description="Wall-clock limit for verify commands, in seconds."
     )
+    budget_usd: float | None = Field(
+        default=None, gt=0, description="Spending limit per goal, in USD (no new task after)."
+    )
     api_key: SecretStr | None = Field(
         default=None, description="Anthropic API key given to the sessions (never logged)."
     )
@@ -90,8 +93,7 @@ def resolve_settings(
     """
     if not block_name:
         return settings or WorkerSettings(), {}
-    block = ClaudeCodeSettings.load(block_name, _sync=True)  # type: ignore[call-arg]
-    assert isinstance(block, ClaudeCodeSettings)
+    block = load_settings_block(block_name)
     explicit = settings.model_dump(exclude_unset=True) if settings else {}
     return block.worker_settings(**explicit), block.session_env()
 
@@ -100,3 +102,10 @@ async def session_env_from_block(block_name: str) -> dict[str, str]:
     """The session environment (credentials, endpoint) of a ClaudeCodeSettings block."""
     block = cast(ClaudeCodeSettings, await ClaudeCodeSettings.aload(block_name))
     return block.session_env()
+
+
+def load_settings_block(name: str) -> ClaudeCodeSettings:
+    """Load a ClaudeCodeSettings block by name (from synchronous code)."""
+    block = ClaudeCodeSettings.load(name, _sync=True)  # type: ignore[call-arg]
+    assert isinstance(block, ClaudeCodeSettings)
+    return block

@@ -93,12 +93,14 @@ def run_goal(
     pool: str | None = None,
     settings_block: str | None = None,
     repo_block: str | None = None,
+    budget_usd: float | None = None,
 ) -> RunReport:
     """Run a goal end to end (plan, workers, merge, verify, report) and return its report.
 
     ``goal`` may be None when the plan (file) states it. With neither ``plan`` nor
     ``plan_file`` the LLM planner plans. ``pool`` runs tasks that name no pool on that work
-    pool (default: in-process). ``settings_block`` and ``repo_block`` name Prefect blocks;
+    pool (default: in-process). ``budget_usd`` caps the goal's spending (no task starts once
+    it is spent). ``settings_block`` and ``repo_block`` name Prefect blocks;
     explicitly set fields of ``settings`` override the settings block. The run uses
     ``PREFECT_API_URL`` when set, else the local ClaudeCluster Prefect server (started on
     first use), or Prefect's throwaway backend with ``ephemeral=True``.
@@ -107,6 +109,11 @@ def run_goal(
     """
     from claudecluster.worker import new_run_id
 
+    if budget_usd is not None and budget_usd <= 0:
+        raise UsageError(
+            f"the goal budget must be more than $0, got {budget_usd:g}",
+            hint="Pass --budget-usd with a positive amount.",
+        )
     if max_parallel is not None and max_parallel < 1:
         raise UsageError(
             f"max_parallel must be at least 1, got {max_parallel}",
@@ -164,6 +171,7 @@ def run_goal(
         pool=pool,
         settings_block=settings_block,
         repo_block=repo_block,
+        budget_usd=budget_usd,
         return_state=True,
     )
     report = state.result(raise_on_failure=False)

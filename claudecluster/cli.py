@@ -156,6 +156,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         "pool": args.pool,
         "settings_block": args.settings_block,
         "repo_block": args.repo_block,
+        "budget_usd": args.budget_usd,
     }
     _announce_server(args)
     if args.json or not sys.stderr.isatty():
@@ -371,6 +372,11 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"concurrent sessions (default {api.default_parallelism()} on this machine)",
     )
     run.add_argument("--max-tasks", type=_positive_int, help="most tasks the planner may plan")
+    run.add_argument(
+        "--budget-usd",
+        type=_positive_float,
+        help="spending limit for the whole goal: no task starts once it is spent",
+    )
     run.add_argument("--base", help="commit to start from (default: HEAD)")
     run.add_argument("--json", action="store_true", help="print the RunReport as JSON only")
     run.add_argument("--verbose", action="store_true", help="show Prefect's logs too")

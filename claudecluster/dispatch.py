@@ -11,6 +11,7 @@ upstream futures would occupy one of the ``max_parallel`` threads while it waits
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any
 
 from prefect import get_run_logger
@@ -77,75 +78,63 @@ def dispatch_to_pool(
     return PrefectFlowRunFuture(flow_run_id=flow_run.id)
 
 
-def run_tasks(
-    plan: Plan,
-    *,
-    repo: str,
-    base_commit: str,
-    settings: WorkerSettings,
-    run_id: str,
-    max_parallel: int,
-    worktree_root: str,
-    progress: RunProgress,
-    pool: str | None = None,
-    settings_block: str | None = None,
-    repo_block: str | None = None,
-    targets: dict[str, PoolTarget] | None = None,
-    repo_url: str | None = None,
-) -> dict[str, TaskResult]:
+@dataclass
+class RunContext:
+    """Everything the dispatcher needs to know about one run besides its plan."""
+
+    repo: str
+    base_commit: str
+    settings: WorkerSettings
+    run_id: str
+    max_parallel: int
+    worktree_root: str
+    pool: str | None = None
+    settings_block: str | None = None
+    repo_block: str | None = None
+    targets: dict[str, PoolTarget] = field(default_factory=dict)
+    repo_url: str | None = None
+    budget_usd: float | None = None
+
+
+def run_tasks(plan: Plan, run: RunContext, progress: RunProgress) -> dict[str, TaskResult]:
     """Run every task of ``plan`` on its pool; return results by task id.
 
-    ``repo`` is a path on this machine; pools whose workers share no disk with it get
-    ``repo_url`` instead (the repository's URL, or the run's served copy).
+    ``run.repo`` is a path on this machine; pools whose workers share no disk with it get
+    ``run.repo_url`` instead (the repository's URL, or the run's served copy). Once the
+    cost spent so far (``progress.cost_usd``, the planner included) reaches
+    ``run.budget_usd``, no further task starts; running ones finish within their own caps.
     """
     logger = get_run_logger()
-    targets = targets or {}
     pending = topological_order(plan)
     futures: dict[str, PrefectFuture[TaskResult]] = {}
     running: list[str] = []
     results: dict[str, TaskResult] = {}
     runner: ThreadPoolTaskRunner[TaskResult]
-    with ThreadPoolTaskRunner(max_workers=max_parallel) as runner:
+    with ThreadPoolTaskRunner(max_workers=run.max_parallel) as runner:
         while pending or running:
             for spec in list(pending):
-                if len(running) >= max_parallel:
+                if len(running) >= run.max_parallel:
                     break
                 if any(dep not in results for dep in spec.depends_on):
                     continue
                 failed = [d for d in spec.depends_on if not results[d].status.ok]
                 if failed:
                     pending.remove(spec)
-                    results[spec.id] = _skipped(spec, base_commit, failed)
+                    results[spec.id] = _skipped(spec, run.base_commit, failed)
                     logger.warning("skipping %s: %s", spec.id, results[spec.id].error)
+                    progress.finished(results[spec.id])
+                    continue
+                if run.budget_usd is not None and progress.cost_usd >= run.budget_usd:
+                    pending.remove(spec)
+                    results[spec.id] = _over_budget(spec, run, progress.cost_usd)
+                    logger.warning("not starting %s: %s", spec.id, results[spec.id].error)
                     progress.finished(results[spec.id])
                     continue
                 if holder := _holds_lease(plan, spec, running):
                     logger.info("%s waits: its paths overlap running task %s", spec.id, holder)
                     continue
                 pending.remove(spec)
-                parameters: dict[str, Any] = {
-                    "repo": repo,
-                    "base_commit": base_commit,
-                    "spec": spec,
-                    "settings": settings,
-                    "run_id": run_id,
-                    "verify": spec.verify or plan.verify,
-                    "settings_block": settings_block,
-                    "repo_block": repo_block,
-                }
-                task_pool = pool_for(spec, run_pool=pool, plan_pool=plan.pool)
-                if task_pool == LOCAL_POOL:
-                    # Passing the futures (not their results) draws the graph's edges.
-                    parameters["dependencies"] = [futures[d] for d in spec.depends_on]
-                    parameters["worktree_root"] = worktree_root
-                    futures[spec.id] = runner.submit(run_worker, parameters)  # type: ignore[arg-type]
-                else:
-                    target = targets[task_pool]
-                    if not target.shares_disk:
-                        parameters["repo"] = repo_url
-                    parameters["dependencies"] = [results[d] for d in spec.depends_on]
-                    futures[spec.id] = dispatch_to_pool(target.deployment, parameters, run_id)
-                    logger.info("%s dispatched to pool %s", spec.id, task_pool)
+                futures[spec.id] = _start(spec, plan, run, runner, futures, results)
                 running.append(spec.id)
                 progress.started(spec.id)
             if not running:
@@ -153,9 +142,55 @@ def run_tasks(
             finished = next(as_completed([futures[task_id] for task_id in running]))
             task_id = next(t for t in running if futures[t] is finished)
             running.remove(task_id)
-            results[task_id] = _result_of(finished, plan.by_id()[task_id], base_commit)
+            results[task_id] = _result_of(finished, plan.by_id()[task_id], run.base_commit)
             progress.finished(results[task_id])
     return results
+
+
+def _start(
+    spec: TaskSpec,
+    plan: Plan,
+    run: RunContext,
+    runner: ThreadPoolTaskRunner[TaskResult],
+    futures: dict[str, PrefectFuture[TaskResult]],
+    results: dict[str, TaskResult],
+) -> PrefectFuture[TaskResult]:
+    """Start one task: a task run here, or a flow run on its pool."""
+    parameters: dict[str, Any] = {
+        "repo": run.repo,
+        "base_commit": run.base_commit,
+        "spec": spec,
+        "settings": run.settings,
+        "run_id": run.run_id,
+        "verify": spec.verify or plan.verify,
+        "settings_block": run.settings_block,
+        "repo_block": run.repo_block,
+    }
+    task_pool = pool_for(spec, run_pool=run.pool, plan_pool=plan.pool)
+    if task_pool == LOCAL_POOL:
+        # Passing the futures (not their results) draws the graph's edges.
+        parameters["dependencies"] = [futures[d] for d in spec.depends_on]
+        parameters["worktree_root"] = run.worktree_root
+        return runner.submit(run_worker, parameters)  # type: ignore[arg-type]
+    target = run.targets[task_pool]
+    if not target.shares_disk:
+        parameters["repo"] = run.repo_url
+    parameters["dependencies"] = [results[d] for d in spec.depends_on]
+    get_run_logger().info("%s dispatched to pool %s", spec.id, task_pool)
+    return dispatch_to_pool(target.deployment, parameters, run.run_id)
+
+
+def _over_budget(spec: TaskSpec, run: RunContext, spent: float) -> TaskResult:
+    return TaskResult(
+        id=spec.id,
+        title=spec.title,
+        kind=spec.kind,
+        status=TaskStatus.SKIPPED,
+        failure_reason=FailureReason.GOAL_BUDGET,
+        error=f"not started: the goal's budget of ${run.budget_usd:.2f} was spent "
+        f"(${spent:.4f} so far)",
+        base_commit=run.base_commit,
+    )
 
 
 def _result_of(future: PrefectFuture[TaskResult], spec: TaskSpec, base: str) -> TaskResult:

@@ -129,6 +129,7 @@ class FailureReason(StrEnum):
     API_ERROR = "api_error"
     SESSION_ERROR = "session_error"
     DEPENDENCY_FAILED = "dependency_failed"
+    GOAL_BUDGET = "goal_budget"
     GIT_ERROR = "git_error"
 
 

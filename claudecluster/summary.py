@@ -8,7 +8,14 @@ from prefect.context import FlowRunContext
 
 from claudecluster.errors import PlannerError
 from claudecluster.integrate import IntegrationOutcome
-from claudecluster.models import RunReport, RunStatus, RunTotals, TaskResult, TokenUsage
+from claudecluster.models import (
+    FailureReason,
+    RunReport,
+    RunStatus,
+    RunTotals,
+    TaskResult,
+    TokenUsage,
+)
 from claudecluster.plan import Plan
 
 
@@ -55,6 +62,11 @@ def build_report(
     if not all(r.status.ok for r in ordered):
         bad = [f"{r.id} {r.status}" for r in ordered if not r.status.ok]
         problems.append("tasks not succeeded: " + ", ".join(bad))
+    over_budget = [r.id for r in ordered if r.failure_reason is FailureReason.GOAL_BUDGET]
+    if over_budget:
+        problems.append(
+            "not started because the goal's budget was spent: " + ", ".join(over_budget)
+        )
     if integration.unmerged:
         problems.append("not merged: " + ", ".join(u.id for u in integration.unmerged))
     if integration.final_verify is not None and not integration.final_verify.ok:

@@ -22,8 +22,8 @@ from prefect.states import Completed, Failed
 from claudecluster import gitops, remote
 from claudecluster.artifacts import artifact_key, plan_markdown, publish_run_artifacts
 from claudecluster.blocks.repository import load_target
-from claudecluster.blocks.settings import resolve_settings
-from claudecluster.dispatch import run_tasks
+from claudecluster.blocks.settings import load_settings_block, resolve_settings
+from claudecluster.dispatch import RunContext, run_tasks
 from claudecluster.errors import PlannerError, UsageError
 from claudecluster.models import (
     RunReport,
@@ -109,15 +109,19 @@ def goal_flow(
     pool: str | None = None,
     settings_block: str | None = None,
     repo_block: str | None = None,
+    budget_usd: float | None = None,
 ) -> State[RunReport]:
     """Turn ``goal`` into a plan, run it, merge it and report; the run fails unless all did.
 
     ``repo`` (or a TargetRepository block named by ``repo_block``) is the repository;
     ``settings_block`` names a ClaudeCodeSettings block, whose values ``settings`` overrides.
+    ``budget_usd`` caps the goal's spending: once reached, no further task starts.
     """
     logger = get_run_logger()
     started = time.monotonic()
     settings, _ = resolve_settings(settings, settings_block)
+    if budget_usd is None and settings_block:
+        budget_usd = load_settings_block(settings_block).budget_usd
     context = FlowRunContext.get()
     run_id = run_id or (context.flow_run.name if context and context.flow_run else new_run_id())
     root = worktree_root or str(default_worktree_root())
@@ -177,21 +181,21 @@ def goal_flow(
         if repo_url is None and not all(t.shares_disk for t in targets.values()):
             repo_url = stack.enter_context(remote.ServedRepository(Path(repo))).url
             logger.info("serving %s to the pools' workers at %s", repo, repo_url)
-        results = run_tasks(
-            plan,
+        run = RunContext(
             repo=repo,
             base_commit=base,
             settings=settings,
             run_id=run_id,
             max_parallel=max_parallel,
             worktree_root=root,
-            progress=progress,
             pool=pool,
             settings_block=settings_block,
             repo_block=repo_block,
             targets=targets,
             repo_url=repo_url,
+            budget_usd=budget_usd,
         )
+        results = run_tasks(plan, run, progress)
     if url:  # workers in containers pushed their branches to the remote
         remote.fetch(git_repo, env=git_env, pattern=f"{gitops.BRANCH_PREFIX}/{run_id}/*")
     progress.integrating()

@@ -291,12 +291,21 @@ def _cmd_setup(args: argparse.Namespace) -> int:
 
     _announce_server(args)
     server = api.connect(ephemeral=False)
-    report = setup(sessions=args.sessions, result_storage=args.result_storage)
+    report = setup(
+        sessions=args.sessions,
+        result_storage=args.result_storage,
+        starts_per_second=args.starts_per_second,
+        start_burst=args.start_burst,
+    )
     where = server.api_url if server else os.environ.get("PREFECT_API_URL", "Prefect")
     print(f"Prepared {where} for ClaudeCluster:")
     for pool, what in report.pools.items():
         print(f"  work pool {pool}: {what}")
     print(f"  concurrency limit claudecluster-sessions: {report.session_limit} sessions")
+    print(
+        f"  rate limit claudecluster-session-starts: {report.starts_per_second:g} per second, "
+        f"bursts of {report.start_burst}"
+    )
     print(f"  block types: {', '.join(report.blocks)}")
     print("Next, from the repository root:")
     print("  prefect deploy --all --prefect-file deployments/prefect.yaml")
@@ -444,6 +453,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--sessions",
         type=_positive_int,
         help="cluster-wide cap on concurrent Claude Code sessions (default 8, or keep current)",
+    )
+    setup_cmd.add_argument(
+        "--starts-per-second",
+        type=_positive_float,
+        help="session starts per second across the cluster (default 2; tune to your API tier)",
+    )
+    setup_cmd.add_argument(
+        "--start-burst", type=_positive_int, help="session starts allowed at once (default 4)"
     )
     setup_cmd.add_argument(
         "--result-storage",

@@ -1,28 +1,51 @@
 """Cluster-wide limits on Claude Code sessions, kept by Prefect's global concurrency limits.
 
-``claudecluster-sessions`` caps how many sessions run at once across every run, flow and
-work pool that talks to the same Prefect server. It is created by ``claudecluster setup``
-(and on first use with a default of 8), shows in the UI under Concurrency, and can be changed
-there or with ``prefect gcl update claudecluster-sessions --limit N``.
+Two limits, shared by every run, flow and work pool that talks to the same Prefect server:
 
-Every session holds one slot while it runs. The slot is acquired with ``strict=True``: if
-the limit does not exist, the session does not start (a missing limit must never mean
-"unlimited").
+- ``claudecluster-sessions`` caps how many sessions run at once (default 8). Every session
+  holds one slot while it runs.
+- ``claudecluster-session-starts`` is a rate limit on session starts (default: bursts of 4,
+  refilled at 2 per second). Every session takes one slot before it starts; slots decay, so
+  starts are spread out instead of hitting the API all at once. Tune it to your API tier:
+  ``claudecluster setup --starts-per-second R --start-burst B``, or
+  ``prefect gcl update claudecluster-session-starts --limit B --slot-decay-per-second R``.
+
+Both are created by ``claudecluster setup`` (and on first use with the defaults), show in the
+UI under Concurrency, and are acquired with ``strict=True``: if a limit does not exist, the
+session does not start (a missing limit must never mean "unlimited").
 """
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 
 from claudecluster.errors import ConfigError
 
 SESSION_LIMIT = "claudecluster-sessions"
 DEFAULT_SESSION_SLOTS = 8
+START_RATE_LIMIT = "claudecluster-session-starts"
+DEFAULT_START_BURST = 4
+DEFAULT_STARTS_PER_SECOND = 2.0
 
 
-def ensure_limits(sessions: int | None = None) -> int:
-    """Create the session limit if it is missing (or set it to ``sessions``); return it."""
+@dataclass(frozen=True)
+class Limits:
+    """The cluster-wide limits as they stand on the server."""
+
+    sessions: int
+    start_burst: int
+    starts_per_second: float
+
+
+def ensure_limits(
+    sessions: int | None = None,
+    *,
+    starts_per_second: float | None = None,
+    start_burst: int | None = None,
+) -> Limits:
+    """Create the limits if they are missing (or set what is given); return them."""
     from prefect.client.orchestration import get_client
     from prefect.exceptions import ObjectNotFound
 
@@ -31,21 +54,35 @@ def ensure_limits(sessions: int | None = None) -> int:
             existing = client.read_global_concurrency_limit_by_name(SESSION_LIMIT)
         except ObjectNotFound:
             existing = None
-        if existing is not None and sessions is None:
-            return int(existing.limit)
-        wanted = sessions or DEFAULT_SESSION_SLOTS
-        client.upsert_global_concurrency_limit_by_name(SESSION_LIMIT, wanted)
-        return wanted
+        if existing is None or sessions is not None:
+            wanted = sessions or DEFAULT_SESSION_SLOTS
+            client.upsert_global_concurrency_limit_by_name(SESSION_LIMIT, wanted)
+        else:
+            wanted = int(existing.limit)
+        try:
+            rate = client.read_global_concurrency_limit_by_name(START_RATE_LIMIT)
+        except ObjectNotFound:
+            rate = None
+        burst = start_burst or (int(rate.limit) if rate else DEFAULT_START_BURST)
+        per_second = starts_per_second or (
+            float(rate.slot_decay_per_second) if rate else DEFAULT_STARTS_PER_SECOND
+        )
+        if rate is None or starts_per_second is not None or start_burst is not None:
+            client.upsert_global_concurrency_limit_by_name(
+                START_RATE_LIMIT, burst, slot_decay_per_second=per_second
+            )
+        return Limits(sessions=wanted, start_burst=burst, starts_per_second=per_second)
 
 
 @asynccontextmanager
 async def session_slot() -> AsyncIterator[None]:
-    """Hold one slot of the cluster-wide session limit while the block runs."""
+    """Wait for a start under the rate limit, then hold a session slot while the block runs."""
     from prefect.concurrency._asyncio import ConcurrencySlotAcquisitionError
-    from prefect.concurrency.asyncio import concurrency
+    from prefect.concurrency.asyncio import concurrency, rate_limit
 
     acquired = False
     try:
+        await rate_limit(START_RATE_LIMIT, occupy=1, strict=True)
         async with concurrency(SESSION_LIMIT, occupy=1, strict=True):
             acquired = True
             yield
@@ -53,6 +90,6 @@ async def session_slot() -> AsyncIterator[None]:
         if acquired:
             raise
         raise ConfigError(
-            f"cannot take a slot of the concurrency limit {SESSION_LIMIT}: {exc}",
+            f"cannot take a slot of the ClaudeCluster session limits: {exc}",
             hint="Run `claudecluster setup` against this Prefect server.",
         ) from exc

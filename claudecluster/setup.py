@@ -34,6 +34,8 @@ class SetupReport(_Model):
 
     pools: dict[str, str] = Field(description="Pool name -> 'created' or 'updated'.")
     session_limit: int = Field(description="Slots of the claudecluster-sessions limit.")
+    start_burst: int = Field(description="Session starts allowed at once.")
+    starts_per_second: float = Field(description="Session starts per second, sustained.")
     blocks: list[str] = Field(description="Block types registered.")
 
 
@@ -93,6 +95,8 @@ def setup(
     sessions: int | None = None,
     pools: list[str] | None = None,
     result_storage: str | None = None,
+    starts_per_second: float | None = None,
+    start_burst: int | None = None,
 ) -> SetupReport:
     """Create pools, the session limit and the block types on the current Prefect server.
 
@@ -106,8 +110,13 @@ def setup(
         if result_storage and worker_type != "process":
             template = with_result_storage(template, result_storage)
         created[name] = ensure_pool(name, worker_type, template)
+    limits = ensure_limits(sessions, starts_per_second=starts_per_second, start_burst=start_burst)
     return SetupReport(
-        pools=created, session_limit=ensure_limits(sessions), blocks=register_blocks()
+        pools=created,
+        session_limit=limits.sessions,
+        start_burst=limits.start_burst,
+        starts_per_second=limits.starts_per_second,
+        blocks=register_blocks(),
     )
 
 

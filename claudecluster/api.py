@@ -250,3 +250,46 @@ def connect(*, ephemeral: bool = False) -> ServerInfo | None:
     prefect_server.use_server(info)
     ensure_limits()
     return info
+
+
+def resume_run(run_id: str, *, ephemeral: bool = False) -> RunReport:
+    """Run ``run_id`` again with the same parameters: only what failed or never ran re-runs.
+
+    Completed workers come back from Prefect's cache (their persisted results), so their
+    sessions are not run or paid for again; their results are marked ``cached``.
+    """
+    server = connect(ephemeral=ephemeral)
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (
+        FlowFilter,
+        FlowFilterName,
+        FlowRunFilter,
+        FlowRunFilterName,
+    )
+    from prefect.client.schemas.sorting import FlowRunSort
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_flow_runs(
+            flow_filter=FlowFilter(name=FlowFilterName(any_=["claudecluster-goal"])),
+            flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=[run_id])),
+            sort=FlowRunSort.EXPECTED_START_TIME_DESC,
+            limit=1,
+        )
+    if not runs:
+        raise UsageError(
+            f"no goal run named {run_id!r} on this Prefect server",
+            hint="Check the run id (it is the integration branch's middle part).",
+        )
+    from claudecluster.flows.goal import goal_flow
+
+    parameters = dict(runs[0].parameters)
+    parameters["run_id"] = run_id
+    state = goal_flow(**parameters, return_state=True)
+    report = state.result(raise_on_failure=False)
+    if isinstance(report, BaseException):
+        raise report
+    if not isinstance(report, RunReport):
+        raise RuntimeError(f"the goal flow returned {type(report).__name__}, not a RunReport")
+    if server is not None and report.flow_run_id:
+        report.ui_url = prefect_server.flow_run_url(server, report.flow_run_id)
+    return report

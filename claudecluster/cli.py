@@ -286,6 +286,18 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     return EXIT_OK if report.status == "succeeded" else EXIT_FAILED
 
 
+def _cmd_resume(args: argparse.Namespace) -> int:
+    from claudecluster.report import print_run_report
+
+    _announce_server(args)
+    report = api.resume_run(args.run_id, ephemeral=args.ephemeral)
+    if args.json:
+        print(report.model_dump_json(indent=2))
+    else:
+        print_run_report(report)
+    return EXIT_OK if report.status == "succeeded" else EXIT_FAILED
+
+
 def _cmd_setup(args: argparse.Namespace) -> int:
     from claudecluster.setup import setup
 
@@ -445,6 +457,15 @@ def build_parser() -> argparse.ArgumentParser:
     add_session_options(sweep)
     add_backend_options(sweep)
     sweep.set_defaults(handler=_cmd_sweep)
+
+    resume = sub.add_parser(
+        "resume", help="re-run a run: only what failed or never ran runs again (cached)"
+    )
+    resume.add_argument("run_id", help="the run id (as in claudecluster/<run-id>/...)")
+    resume.add_argument("--json", action="store_true", help="print the RunReport as JSON only")
+    resume.add_argument("--verbose", action="store_true", help="show Prefect's logs too")
+    add_backend_options(resume)
+    resume.set_defaults(handler=_cmd_resume)
 
     setup_cmd = sub.add_parser(
         "setup", help="create work pools, the session limit and block types on the server"

@@ -25,7 +25,7 @@ from claudecluster.models import FailureReason, TaskResult, TaskSpec, TaskStatus
 from claudecluster.plan import Plan, ancestors, paths_overlap, topological_order
 from claudecluster.pools import LOCAL_POOL, PoolTarget, pool_for
 from claudecluster.progress import RunProgress
-from claudecluster.tasks.worker import run_worker
+from claudecluster.tasks.worker import with_retries
 
 
 def _skipped(spec: TaskSpec, base_commit: str, failed: list[str]) -> TaskResult:
@@ -171,7 +171,7 @@ def _start(
         # Passing the futures (not their results) draws the graph's edges.
         parameters["dependencies"] = [futures[d] for d in spec.depends_on]
         parameters["worktree_root"] = run.worktree_root
-        return runner.submit(run_worker, parameters)  # type: ignore[arg-type]
+        return runner.submit(with_retries(run.settings), parameters)
     target = run.targets[task_pool]
     if not target.shares_disk:
         parameters["repo"] = run.repo_url
@@ -196,13 +196,16 @@ def _over_budget(spec: TaskSpec, run: RunContext, spent: float) -> TaskResult:
 def _result_of(future: PrefectFuture[TaskResult], spec: TaskSpec, base: str) -> TaskResult:
     """A future's TaskResult; a crashed task run becomes an error result, not a crashed run."""
     try:
-        value = future.result(raise_on_failure=True)
+        # A failed worker run still carries its TaskResult; only a crash carries none.
+        value = future.result(raise_on_failure=False)
     except Exception as exc:
         message = f"task run crashed: {type(exc).__name__}: {exc}"
     else:
         if isinstance(value, TaskResult):
+            if future.state.name == "Cached":
+                value = value.model_copy(update={"cached": True})
             return value
-        message = f"task run returned {type(value).__name__}, not a TaskResult"
+        message = f"task run ended without a TaskResult: {value!r}"
     return TaskResult(
         id=spec.id,
         title=spec.title,

@@ -11,6 +11,7 @@ GitPython's exceptions are translated into :class:`~claudecluster.errors.GitErro
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import shutil
 import threading
@@ -130,22 +131,37 @@ class Worktree:
 def add_worktree(repo: git.Repo, path: Path, branch: str, base_commit: str) -> Worktree:
     """Create ``branch`` at ``base_commit`` and check it out in a new worktree at ``path``.
 
-    If the branch exists from an earlier attempt of the same task, it is reset only when it
-    holds no commits beyond the base; otherwise the earlier work is kept and GitError raised.
+    An earlier attempt's leftovers are never lost: uncommitted changes in a worktree still at
+    ``path`` (a killed worker's) are committed first, and a branch holding commits is kept
+    under ``claudecluster-attempts/...`` (see :func:`archive_branch`) before starting clean.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
+    if path.exists() and (path / ".git").exists():
+        with contextlib.suppress(GitError, git.GitError):
+            commit_all(path, "Unfinished work of an interrupted attempt")
     with worktree_lock(repo):
         if path.exists():
             _remove_worktree(repo, path)
         if branch_exists(repo, branch):
             if commits_ahead(repo, base_commit, branch):
-                raise GitError(
-                    f"branch {branch} already holds commits; refusing to overwrite them",
-                    command=f"git worktree add {path}",
-                )
-            _git(repo, "branch", "-D", branch)
+                _archive_branch(repo, branch)
+            else:
+                _git(repo, "branch", "-D", branch)
         _git(repo, "worktree", "add", "--quiet", "-b", branch, str(path), base_commit)
     return Worktree(path=path, branch=branch, base_commit=base_commit)
+
+
+ATTEMPTS_PREFIX = "claudecluster-attempts"
+
+
+def _archive_branch(repo: git.Repo, branch: str) -> str:
+    # Numbered so repeated attempts never overwrite each other; callers hold the lock.
+    number = 1
+    while branch_exists(repo, f"{ATTEMPTS_PREFIX}/{branch}/{number}"):
+        number += 1
+    archived = f"{ATTEMPTS_PREFIX}/{branch}/{number}"
+    _git(repo, "branch", "-m", branch, archived)
+    return archived
 
 
 _thread_locks: dict[str, threading.Lock] = {}

@@ -92,6 +92,15 @@ class WorkerSettings(_Model):
     verify_timeout_s: float = Field(
         default=900.0, gt=0, description="Wall-clock limit for the verify command, in seconds."
     )
+    retries: int = Field(
+        default=1,
+        ge=0,
+        description="Times a crashed session (or one that lost the API) is retried, from a "
+        "clean worktree.",
+    )
+    retry_delay_s: float = Field(
+        default=10.0, ge=0, description="Seconds to wait before such a retry."
+    )
     setting_sources: list[Literal["user", "project", "local"]] = Field(
         default_factory=list,
         description="Claude Code settings files to load; empty means none (no user hooks leak in).",
@@ -241,6 +250,11 @@ class TaskResult(_Model):
     )
     worktree: str | None = Field(
         default=None, description="Path of the worktree the task ran in, if it still exists."
+    )
+    cached: bool = Field(
+        default=False,
+        description="True when this result was reused from an earlier attempt of the run "
+        "(resume): nothing ran and nothing was paid again.",
     )
 
     @property

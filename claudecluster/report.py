@@ -83,7 +83,7 @@ def print_run_report(report: RunReport, console: Console | None = None) -> None:
                 else ("ok" if t.ok else "failed")
             )
         table.add_row(
-            result.id,
+            result.id + (" (cached)" if result.cached else ""),
             result.kind,
             status,
             str(len(result.files)),

@@ -5,7 +5,7 @@ from __future__ import annotations
 from prefect import flow
 
 from claudecluster.models import TaskResult, TaskSpec, WorkerSettings
-from claudecluster.tasks.worker import run_worker
+from claudecluster.tasks.worker import result_of_state, worker_state
 
 
 @flow(name="claudecluster-task", flow_run_name="task-{run_id}", log_prints=False)
@@ -19,6 +19,13 @@ async def single_task_flow(
     worktree_root: str | None = None,
 ) -> TaskResult:
     """Run one TaskSpec as a worker task and return its result."""
-    return await run_worker(
-        repo, base_commit, spec, settings, run_id, verify=verify, worktree_root=worktree_root
+    state = await worker_state(
+        repo=repo,
+        base_commit=base_commit,
+        spec=spec,
+        settings=settings,
+        run_id=run_id,
+        verify=verify,
+        worktree_root=worktree_root,
     )
+    return await result_of_state(state, spec, base_commit)

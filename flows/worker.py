@@ -9,10 +9,11 @@ UI, and is cancelled with it.
 from __future__ import annotations
 
 from prefect import flow
+from prefect.client.schemas.objects import State
 
 from claudecluster.models import TaskResult, TaskSpec, WorkerSettings
 from claudecluster.pools import WORKER_FLOW_NAME
-from claudecluster.tasks.worker import run_worker
+from claudecluster.tasks.worker import as_state, result_of_state, worker_state
 
 
 @flow(
@@ -32,17 +33,21 @@ async def worker_flow(
     worktree_root: str | None = None,
     settings_block: str | None = None,
     repo_block: str | None = None,
-) -> TaskResult:
-    """Run one task in its own worktree and branch; return its TaskResult."""
-    return await run_worker(
-        repo,
-        base_commit,
-        spec,
-        settings,
-        run_id,
+) -> State[TaskResult]:
+    """Run one task in its own worktree and branch; the run fails unless the task did its work.
+
+    The TaskResult is the run's (persisted) data either way.
+    """
+    state = await worker_state(
+        repo=repo,
+        base_commit=base_commit,
+        spec=spec,
+        settings=settings,
+        run_id=run_id,
         verify=verify,
         dependencies=dependencies,
         worktree_root=worktree_root,
         settings_block=settings_block,
         repo_block=repo_block,
     )
+    return as_state(await result_of_state(state, spec, base_commit))

@@ -3,14 +3,29 @@
 Its log carries the session's messages as they happen (assistant text, tool calls, tool
 results, the final result); its artifacts carry the diff and the test report. Given the
 results of the tasks it depends on, it starts from the base commit plus their merged work.
+
+The task run ends Completed when the task succeeded (or had nothing to change) and Failed
+otherwise, with the TaskResult as its data either way. That gives Prefect's machinery its
+usual meaning:
+
+- resume: a completed worker is cached (persisted result, keyed by run, task spec, settings
+  and starting commits), so re-running a run re-runs only what failed or never ran, and paid
+  work is not paid again;
+- retries: a session that crashed or lost its API is retried (``WorkerSettings.retries``,
+  ``retry_delay_s``) from a clean worktree; its earlier work stays on an attempts branch.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
+from typing import Any
 
 from prefect import get_run_logger, task
-from prefect.cache_policies import NONE
+from prefect.client.schemas.objects import State
+from prefect.context import TaskRunContext
+from prefect.states import Completed, Failed
 
 from claudecluster import gitops, remote
 from claudecluster.artifacts import publish_task_artifacts
@@ -21,8 +36,45 @@ from claudecluster.models import FailureReason, TaskResult, TaskSpec, TaskStatus
 from claudecluster.redact import redact
 from claudecluster.worker import default_worktree_root, execute_task
 
+RETRYABLE = (FailureReason.SESSION_ERROR, FailureReason.API_ERROR)
 
-@task(name="claude-worker", task_run_name="{spec.id}", cache_policy=NONE)
+
+def worker_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
+    """A completed worker's cache key: same run, spec, settings and starting point."""
+    spec: TaskSpec = parameters["spec"]
+    settings: WorkerSettings = parameters["settings"]
+    dependencies = parameters.get("dependencies") or []
+    identity = {
+        "base": parameters["base_commit"],
+        "dependencies": [d.head_commit for d in dependencies if isinstance(d, TaskResult)],
+        "spec": spec.model_dump(mode="json"),
+        "settings": settings.model_dump(mode="json", exclude={"retries", "retry_delay_s"}),
+        "verify": parameters.get("verify"),
+    }
+    digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:24]
+    return f"claudecluster-{parameters['run_id']}-{spec.id}-{digest}"
+
+
+def crashed(task: Any, task_run: Any, state: State[Any]) -> bool:
+    """Retry only sessions that crashed or lost the API; limits and failed tests are final."""
+    return (state.message or "").startswith(tuple(str(r) for r in RETRYABLE))
+
+
+def as_state(result: TaskResult) -> State[TaskResult]:
+    """Completed for a task that did its work, Failed otherwise; the result rides along."""
+    if result.status.ok:
+        return Completed(data=result, message=str(result.status))
+    reason = result.failure_reason or result.status
+    return Failed(data=result, message=f"{reason}: {result.error or result.status}")
+
+
+@task(
+    name="claude-worker",
+    task_run_name="{spec.id}",
+    cache_key_fn=worker_cache_key,
+    persist_result=True,
+    retry_condition_fn=crashed,
+)
 async def run_worker(
     repo: str,
     base_commit: str,
@@ -35,7 +87,7 @@ async def run_worker(
     keep_worktree: bool = False,
     settings_block: str | None = None,
     repo_block: str | None = None,
-) -> TaskResult:
+) -> State[TaskResult]:
     """Run one task in its own worktree and branch; return its TaskResult.
 
     ``settings_block`` names a ClaudeCodeSettings block whose credentials the session gets;
@@ -101,4 +153,34 @@ async def run_worker(
         result.cost_usd,
         f" ({result.error})" if result.error else "",
     )
-    return result
+    return as_state(result)
+
+
+def with_retries(settings: WorkerSettings) -> Any:
+    """``run_worker`` with the retry policy of ``settings``."""
+    return run_worker.with_options(
+        retries=settings.retries, retry_delay_seconds=settings.retry_delay_s
+    )
+
+
+async def worker_state(**parameters: Any) -> State[TaskResult]:
+    """Run the worker task (with its retries) in the current flow; its final state."""
+    settings: WorkerSettings = parameters["settings"]
+    state: State[TaskResult] = await with_retries(settings)(**parameters, return_state=True)
+    return state
+
+
+async def result_of_state(state: State[TaskResult], spec: TaskSpec, base: str) -> TaskResult:
+    """The TaskResult a worker state carries; a crash becomes an error result."""
+    value = await state.aresult(raise_on_failure=False)
+    if isinstance(value, TaskResult):
+        return value
+    return TaskResult(
+        id=spec.id,
+        title=spec.title,
+        kind=spec.kind,
+        status=TaskStatus.ERROR,
+        failure_reason=FailureReason.SESSION_ERROR,
+        error=f"task run ended {state.name}: {value}"[:2000],
+        base_commit=base,
+    )

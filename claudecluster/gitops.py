@@ -392,3 +392,48 @@ def is_ancestor(repo: git.Repo, ancestor: str, descendant: str) -> bool:
     except GitCommandError:
         return False
     return True
+
+
+CONFLICT_MARKERS = ("<<<<<<< ", ">>>>>>> ")
+
+
+def start_merge(worktree: git.Repo, branch: str) -> list[str]:
+    """Merge ``branch`` without committing, leaving conflicts in place; the conflicted files."""
+    # A conflict makes git fail and leave the merge half-done, which is what we want here.
+    with contextlib.suppress(GitError):
+        _git(
+            worktree,
+            *_identity("merge", "--quiet", "--no-verify", "--no-ff", "--no-commit", branch),
+        )
+    return [
+        line
+        for line in _git(worktree, "diff", "--name-only", "--diff-filter=U").splitlines()
+        if line.strip()
+    ]
+
+
+def files_with_markers(worktree: Path, files: list[str]) -> list[str]:
+    """Those of ``files`` that still contain conflict markers."""
+    left = []
+    for name in files:
+        path = worktree / name
+        if path.is_file():
+            text = path.read_text(errors="replace")
+            if any(line.startswith(CONFLICT_MARKERS) for line in text.splitlines()):
+                left.append(name)
+    return left
+
+
+def finish_merge(worktree: git.Repo, message: str) -> str:
+    """Commit a resolved merge (everything staged, litter ignored); the merge commit's sha."""
+    git_dir = Path(worktree.git_dir)
+    with _litter_excludes(git_dir) as exclude:
+        _git(worktree, "-c", f"core.excludesFile={exclude}", "add", "--all", ".")
+    _git(worktree, *_identity("commit", "--quiet", "--no-verify", "-m", message))
+    return str(worktree.head.commit.hexsha)
+
+
+def fast_forward(worktree: git.Repo, commit: str) -> str:
+    """Move the worktree's branch forward to ``commit`` (which must descend from it)."""
+    _git(worktree, "merge", "--quiet", "--ff-only", commit)
+    return str(worktree.head.commit.hexsha)

@@ -15,12 +15,14 @@ from pydantic import Field
 from claudecluster import gitops
 from claudecluster.models import (
     TaskResult,
+    TaskSpec,
     TaskStatus,
     TestReport,
     UnmergedTask,
     _Model,
 )
 from claudecluster.plan import Plan
+from claudecluster.resolve import Resolution, Resolver
 from claudecluster.verify import run_verify
 
 
@@ -36,6 +38,10 @@ class IntegrationOutcome(_Model):
     final_verify: TestReport | None = Field(
         default=None, description="The verify command on the integration branch."
     )
+    resolved: list[str] = Field(
+        default_factory=list, description="Tasks merged after a resolution session."
+    )
+    resolution_cost_usd: float = Field(default=0.0, description="Cost of the resolution sessions.")
 
 
 def _not_merged_reason(result: TaskResult) -> str:
@@ -57,8 +63,13 @@ def integrate(
     verify: str | None,
     verify_timeout_s: float,
     worktree_root: Path,
+    resolver: Resolver | None = None,
 ) -> IntegrationOutcome:
-    """Merge every succeeded task onto ``claudecluster/<run-id>/integration`` and verify it."""
+    """Merge every succeeded task onto ``claudecluster/<run-id>/integration`` and verify it.
+
+    With a ``resolver``, a conflicting branch gets a resolution session (see
+    :mod:`claudecluster.resolve`) before it is given up and reported.
+    """
     from claudecluster.plan import topological_order
 
     repo = gitops.open_repo(repo_path)
@@ -98,17 +109,34 @@ def integrate(
                 )
             except gitops.MergeConflictError as conflict:
                 others = _touching(results, merged, conflict.files)
-                with_whom = f" with task(s) {', '.join(others)}" if others else ""
-                outcome.unmerged.append(
-                    UnmergedTask(
-                        id=spec.id,
-                        branch=result.branch,
-                        reason=f"merge conflict{with_whom} in {', '.join(conflict.files)}; "
-                        f"the branch is kept, merge it by hand or re-run the task",
-                        conflicting_files=conflict.files,
+                resolution = None
+                if resolver is not None:
+                    resolution = _resolve(
+                        repo,
+                        scratch,
+                        spec,
+                        result.branch,
+                        plan,
+                        others,
+                        resolver,
+                        worktree_root / run_id,
                     )
-                )
-                continue
+                    outcome.resolution_cost_usd += resolution.cost_usd
+                if resolution is None or not resolution.ok:
+                    with_whom = f" with task(s) {', '.join(others)}" if others else ""
+                    tried = f"; {resolution.reason}" if resolution else ""
+                    outcome.unmerged.append(
+                        UnmergedTask(
+                            id=spec.id,
+                            branch=result.branch,
+                            reason=f"merge conflict{with_whom} in {', '.join(conflict.files)}"
+                            f"{tried}; the branch is kept, merge it by hand or re-run the task",
+                            conflicting_files=conflict.files,
+                        )
+                    )
+                    continue
+                outcome.head_commit = str(scratch.head.commit.hexsha)
+                outcome.resolved.append(spec.id)
             merged.add(spec.id)
             outcome.merged.append(spec.id)
         if verify:
@@ -116,6 +144,36 @@ def integrate(
     finally:
         gitops.remove_worktree(repo, worktree.path)
     return outcome
+
+
+def _resolve(
+    repo: git.Repo,
+    integration: git.Repo,
+    spec: TaskSpec,
+    branch: str,
+    plan: Plan,
+    others: list[str],
+    resolver: Resolver,
+    root: Path,
+) -> Resolution:
+    """Merge ``branch`` onto the integration head in a fresh worktree and resolve it there."""
+    head = str(integration.head.commit.hexsha)
+    with gitops.scratch_worktree(repo, root, f"resolve-{spec.id}", head) as scratch:
+        files = gitops.start_merge(scratch, branch)
+        by_id = plan.by_id()
+        resolution = resolver(
+            Path(scratch.working_dir),
+            files,
+            spec,
+            [by_id[o] for o in others if o in by_id],
+            spec.verify or plan.verify,
+        )
+        if resolution.ok:
+            merge = gitops.finish_merge(
+                scratch, f"Merge task {spec.id}: {spec.title} (conflict resolved)"
+            )
+            gitops.fast_forward(integration, merge)
+    return resolution
 
 
 def _has_work(results: dict[str, TaskResult], task_id: str) -> bool:

@@ -92,6 +92,10 @@ class WorkerSettings(_Model):
     verify_timeout_s: float = Field(
         default=900.0, gt=0, description="Wall-clock limit for the verify command, in seconds."
     )
+    resolve_conflicts: bool = Field(
+        default=True,
+        description="Give a conflicting task branch a resolution session at integration.",
+    )
     retries: int = Field(
         default=1,
         ge=0,
@@ -327,6 +331,10 @@ class RunReport(_Model):
     tasks: list[TaskResult] = Field(default_factory=list, description="One result per task.")
     unmerged: list[UnmergedTask] = Field(
         default_factory=list, description="Tasks whose branches were kept but not merged."
+    )
+    resolved: list[str] = Field(
+        default_factory=list,
+        description="Tasks whose merge conflict a resolution session resolved and verified.",
     )
     planner: TaskResult | None = Field(
         default=None, description="The planner session's cost and usage, when the LLM planned."

@@ -42,7 +42,7 @@ def build_report(
     usage = sum((r.usage for r in sessions), TokenUsage())
     merged_files = {f.path for r in ordered if r.id in integration.merged for f in r.files}
     totals = RunTotals(
-        cost_usd=round(sum(r.cost_usd for r in sessions), 6),
+        cost_usd=round(sum(r.cost_usd for r in sessions) + integration.resolution_cost_usd, 6),
         usage=usage,
         tokens=usage.total,
         duration_s=round(time.monotonic() - started, 3),
@@ -82,6 +82,7 @@ def build_report(
         final_verify=integration.final_verify,
         tasks=ordered,
         unmerged=integration.unmerged,
+        resolved=integration.resolved,
         planner=planner,
         totals=totals,
         flow_run_id=_flow_run_id(),

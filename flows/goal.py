@@ -200,7 +200,16 @@ def goal_flow(
         remote.fetch(git_repo, env=git_env, pattern=f"{gitops.BRANCH_PREFIX}/{run_id}/*")
     progress.integrating()
     integration = integrate_branches(
-        repo, base, run_id, plan, results, plan.verify, settings.verify_timeout_s, root
+        repo,
+        base,
+        run_id,
+        plan,
+        results,
+        plan.verify,
+        settings.verify_timeout_s,
+        root,
+        settings=settings,
+        settings_block=settings_block,
     )
     report = build_report(
         run_id=run_id,

@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
+import anyio
 from prefect import get_run_logger, task
 from prefect.cache_policies import NONE
 
+from claudecluster.blocks.settings import resolve_settings
 from claudecluster.integrate import IntegrationOutcome, integrate
-from claudecluster.models import TaskResult
+from claudecluster.limits import session_slot
+from claudecluster.models import TaskResult, TaskSpec, WorkerSettings
 from claudecluster.plan import Plan
+from claudecluster.resolve import Resolution, Resolver, resolve_conflict
 
 
 @task(name="integrate", cache_policy=NONE)
@@ -22,9 +28,15 @@ def integrate_branches(
     verify: str | None,
     verify_timeout_s: float,
     worktree_root: str,
+    settings: WorkerSettings | None = None,
+    settings_block: str | None = None,
 ) -> IntegrationOutcome:
-    """Merge onto the integration branch and run the final verify there."""
+    """Merge onto the integration branch (resolving conflicts) and run the final verify."""
     logger = get_run_logger()
+    resolver = None
+    if settings is not None and settings.resolve_conflicts:
+        env = resolve_settings(None, settings_block)[1] if settings_block else None
+        resolver = _session_resolver(settings, env, logger.info)
     outcome = integrate(
         repo,
         base_commit,
@@ -34,11 +46,43 @@ def integrate_branches(
         verify=verify,
         verify_timeout_s=verify_timeout_s,
         worktree_root=Path(worktree_root),
+        resolver=resolver,
     )
     logger.info("merged %s onto %s", ", ".join(outcome.merged) or "nothing", outcome.branch)
+    for task_id in outcome.resolved:
+        logger.info("resolved a merge conflict of %s with a resolution session", task_id)
     for unmerged in outcome.unmerged:
         logger.warning("not merged: %s (%s)", unmerged.id, unmerged.reason)
     if outcome.final_verify is not None:
         verdict = "passed" if outcome.final_verify.ok else "FAILED"
         logger.info("final verify `%s` %s", outcome.final_verify.command, verdict)
     return outcome
+
+
+def _session_resolver(
+    settings: WorkerSettings, env: dict[str, str] | None, log: Callable[[str], None]
+) -> Resolver:
+    def resolver(
+        worktree: Path,
+        files: list[str],
+        task: TaskSpec,
+        others: list[TaskSpec],
+        verify: str | None,
+    ) -> Resolution:
+        log(f"resolving the conflict of {task.id} in {', '.join(files)}")
+        return anyio.run(
+            partial(
+                resolve_conflict,
+                worktree,
+                files,
+                task,
+                others,
+                verify,
+                settings=settings,
+                log=log,
+                session_slot=session_slot,
+                env=env,
+            )
+        )
+
+    return resolver

@@ -12,7 +12,7 @@ import pytest
 
 from claudecluster.models import FailureReason, TaskResult, TaskSpec, TaskStatus, WorkerSettings
 from claudecluster.session import MARKER_VAR
-from claudecluster.testing import Script, ScriptedModelServer, hang, text, tool_use
+from claudecluster.testing import Script, ScriptedModelServer, api_error, hang, text, tool_use
 from claudecluster.worker import execute_task
 from tests.conftest import git, snapshot
 
@@ -312,3 +312,62 @@ class TestUserCheckout:
         # The task started from the commit, not from the dirty file.
         assert "USER'S UNCOMMITTED EDIT" not in result.diff
         assert "scratch.txt" not in [f.path for f in result.files]
+
+
+class TestFaults:
+    """API errors are retried and counted; a hung verify command is killed at its timeout."""
+
+    def test_rate_limit_burst_is_retried_and_counted(
+        self, repo: Path, worktree_root: Path, model_server: ScriptedModelServer, marker: str
+    ) -> None:
+        model_server.add_script(
+            Script(
+                name="rate-limited",
+                match=marker,
+                turns=[
+                    api_error(429, times=2),
+                    tool_use("Write", {"file_path": "note.txt", "content": "ok\n"}),
+                    api_error(529, times=1),
+                    text("Done."),
+                ],
+            )
+        )
+        spec = TaskSpec(id="burst", title="Survives a burst", prompt=f"{marker} write")
+
+        result = run(repo, spec, worktree_root, verify=None)
+
+        assert result.status is TaskStatus.SUCCEEDED, result.error
+        assert result.api_retries == 3
+        statuses = [
+            s.statuses for s in model_server.sessions().values() if s.script == "rate-limited"
+        ]
+        assert statuses == [(429, 429, 200, 529, 200)]
+
+    def test_hung_verify_is_killed_at_its_timeout(
+        self, repo: Path, worktree_root: Path, model_server: ScriptedModelServer, marker: str
+    ) -> None:
+        model_server.add_script(
+            Script(
+                name="then-hang",
+                match=marker,
+                turns=[tool_use("Write", {"file_path": "x.txt", "content": "x\n"}), text("ok")],
+            )
+        )
+        spec = TaskSpec(id="hung", title="Hung verify", prompt=f"{marker} write")
+        started = time.monotonic()
+
+        result = run(
+            repo,
+            spec,
+            worktree_root,
+            WorkerSettings(verify_timeout_s=2),
+            verify=f"sleep 600 # {marker}",
+        )
+
+        assert time.monotonic() - started < 60
+        assert result.status is TaskStatus.FAILED
+        assert result.failure_reason is FailureReason.VERIFY_TIMEOUT
+        assert result.test_report is not None
+        assert result.test_report.timed_out
+        assert result.test_report.exit_code is None
+        assert _processes_with(marker) == []

@@ -298,6 +298,24 @@ def _cmd_resume(args: argparse.Namespace) -> int:
     return EXIT_OK if report.status == "succeeded" else EXIT_FAILED
 
 
+def _cmd_clean(args: argparse.Namespace) -> int:
+    from claudecluster.clean import clean
+    from claudecluster.worker import default_worktree_root
+
+    root = Path(args.root) if args.root else default_worktree_root()
+    report = clean(root, dry_run=args.dry_run)
+    verb = "would remove" if args.dry_run else "removed"
+    for path in report.removed:
+        print(f"{verb} {path}")
+    for kept in report.kept:
+        print(f"kept {kept.path}: {kept.reason}")
+    print(
+        f"{verb} {len(report.removed)} worktree(s), {report.bytes_freed / 1e6:.1f} MB; "
+        f"kept {len(report.kept)}. Branches are never deleted."
+    )
+    return EXIT_OK
+
+
 def _cmd_setup(args: argparse.Namespace) -> int:
     from claudecluster.setup import setup
 
@@ -466,6 +484,13 @@ def build_parser() -> argparse.ArgumentParser:
     resume.add_argument("--verbose", action="store_true", help="show Prefect's logs too")
     add_backend_options(resume)
     resume.set_defaults(handler=_cmd_resume)
+
+    clean_cmd = sub.add_parser(
+        "clean", help="remove finished worktrees (never unfinished work, never branches)"
+    )
+    clean_cmd.add_argument("--dry-run", action="store_true", help="only say what would go")
+    clean_cmd.add_argument("--root", help="worktree folder (default: ~/.claudecluster/worktrees)")
+    clean_cmd.set_defaults(handler=_cmd_clean)
 
     setup_cmd = sub.add_parser(
         "setup", help="create work pools, the session limit and block types on the server"

@@ -237,28 +237,15 @@ def commit_all(worktree: Path, message: str) -> str | None:
 
     The author and committer are ClaudeCluster, so a task's commits are identifiable.
     """
-    repo = git.Repo(worktree)
-    git_dir = Path(repo.git_dir)
-    with _litter_excludes(git_dir) as exclude:
-        _git(repo, "-c", f"core.excludesFile={exclude}", "add", "--all", ".")
-    if not _git(repo, "diff", "--cached", "--name-only").strip():
-        return None
-    _git(
-        repo,
-        "-c",
-        f"user.name={AUTHOR_NAME}",
-        "-c",
-        f"user.email={AUTHOR_EMAIL}",
-        "-c",
-        "commit.gpgsign=false",
-        "commit",
-        "--quiet",
-        "--no-verify",
-        f"--author={AUTHOR_NAME} <{AUTHOR_EMAIL}>",
-        "-m",
-        message,
-    )
-    return str(repo.head.commit.hexsha)
+    # Closed afterwards: GitPython keeps helper git processes running in the worktree.
+    with git.Repo(worktree) as repo:
+        git_dir = Path(repo.git_dir)
+        with _litter_excludes(git_dir) as exclude:
+            _git(repo, "-c", f"core.excludesFile={exclude}", "add", "--all", ".")
+        if not _git(repo, "diff", "--cached", "--name-only").strip():
+            return None
+        _git(repo, *_identity("commit", "--quiet", "--no-verify", "-m", message))
+        return str(repo.head.commit.hexsha)
 
 
 def diff_stats(repo: git.Repo, base: str, head: str) -> list[FileChange]:
@@ -360,9 +347,11 @@ def scratch_worktree(repo: git.Repo, root: Path, name: str, commit: str) -> Iter
         if path.exists():
             _remove_worktree(repo, path)
         _git(repo, "worktree", "add", "--quiet", "--detach", str(path), commit)
+    scratch = git.Repo(path)
     try:
-        yield git.Repo(path)
+        yield scratch
     finally:
+        scratch.close()
         remove_worktree(repo, path)
 
 

@@ -78,8 +78,8 @@ def integrate(
     worktree = gitops.add_worktree(repo, path, branch, base_commit)
     outcome = IntegrationOutcome(branch=branch, head_commit=base_commit)
     merged: set[str] = set()
+    scratch = git.Repo(worktree.path)
     try:
-        scratch = git.Repo(worktree.path)
         for spec in topological_order(plan):
             result = results.get(spec.id)
             if result is None or result.branch is None:
@@ -142,6 +142,7 @@ def integrate(
         if verify:
             outcome.final_verify = run_verify(verify, worktree.path, verify_timeout_s)
     finally:
+        scratch.close()
         gitops.remove_worktree(repo, worktree.path)
     return outcome
 

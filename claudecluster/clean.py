@@ -1,0 +1,101 @@
+"""``claudecluster clean``: reclaim disk from finished worktrees, never from unfinished work.
+
+A worktree left under ``<claudecluster home>/worktrees`` (kept with ``keep_worktree``, or
+left by a killed worker) is removed only when nothing in it is unique: its changes are all
+committed (the commits stay on their branch, which ``clean`` never deletes) and no process
+is working in it. Everything else is kept, and the report says why.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import git
+from pydantic import Field
+
+from claudecluster import gitops
+from claudecluster.models import _Model
+
+
+class KeptWorktree(_Model):
+    """A worktree clean left in place."""
+
+    path: str = Field(description="The worktree.")
+    reason: str = Field(description="Why it was kept.")
+
+
+class CleanReport(_Model):
+    """What clean removed and what it kept."""
+
+    removed: list[str] = Field(default_factory=list, description="Worktrees removed.")
+    kept: list[KeptWorktree] = Field(default_factory=list, description="Worktrees kept.")
+    bytes_freed: int = Field(default=0, description="Disk space reclaimed, in bytes.")
+
+
+def _size(path: Path) -> int:
+    total = 0
+    for root, _, files in os.walk(path):
+        for name in files:
+            try:
+                total += (Path(root) / name).lstat().st_size
+            except OSError:
+                continue
+    return total
+
+
+def _in_use(path: Path) -> bool:
+    resolved = path.resolve()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cwd = Path(os.readlink(entry / "cwd"))
+        except OSError:
+            continue
+        if cwd == resolved or resolved in cwd.parents:
+            return True
+    return False
+
+
+def _candidates(root: Path) -> list[Path]:
+    # worktrees/<run-id>/<task-id>; anything holding a .git file is a worktree.
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.glob("*/*") if (p / ".git").is_file())
+
+
+def clean(root: Path, *, dry_run: bool = False) -> CleanReport:
+    """Remove finished worktrees under ``root``; keep and explain everything else."""
+    report = CleanReport()
+    for path in _candidates(root):
+        try:
+            with git.Repo(path) as worktree:
+                dirty = worktree.is_dirty(untracked_files=True)
+                common_dir = worktree.common_dir
+        except (git.GitError, OSError, ValueError):
+            report.kept.append(KeptWorktree(path=str(path), reason="not a readable worktree"))
+            continue
+        if dirty:
+            report.kept.append(
+                KeptWorktree(
+                    path=str(path), reason="it has uncommitted changes; commit or copy them"
+                )
+            )
+            continue
+        if _in_use(path):
+            report.kept.append(KeptWorktree(path=str(path), reason="a process is working in it"))
+            continue
+        size = _size(path)
+        if not dry_run:
+            with git.Repo(common_dir) as main:
+                gitops.remove_worktree(main, path)
+            shutil.rmtree(path, ignore_errors=True)
+        report.removed.append(str(path))
+        report.bytes_freed += size
+    if not dry_run:
+        for run_dir in root.glob("*") if root.is_dir() else []:
+            if run_dir.is_dir() and not any(run_dir.iterdir()):
+                run_dir.rmdir()
+    return report

@@ -12,6 +12,7 @@ Needs a Docker engine and the worker image: ``.ci/docker-setup`` installs and bu
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import threading
@@ -44,10 +45,12 @@ def _docker(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 def _require_docker() -> None:
+    # CI sets CLAUDECLUSTER_REQUIRE_DOCKER=1: there a missing engine is a failure, not a skip.
+    missing = pytest.fail if os.environ.get("CLAUDECLUSTER_REQUIRE_DOCKER") == "1" else pytest.skip
     if shutil.which("docker") is None or _docker("info").returncode != 0:
-        pytest.skip("no Docker engine: run .ci/docker-setup (installs and starts dockerd)")
+        missing("no Docker engine: run .ci/docker-setup (installs and starts dockerd)")
     if _docker("image", "inspect", IMAGE).returncode != 0:
-        pytest.skip(f"no {IMAGE} image: run infra/docker/build-images.sh")
+        missing(f"no {IMAGE} image: run infra/docker/build-images.sh")
 
 
 @pytest.fixture(scope="module")

@@ -94,6 +94,7 @@ def run_goal(
     settings_block: str | None = None,
     repo_block: str | None = None,
     budget_usd: float | None = None,
+    announce: Callable[[str], None] | None = None,
 ) -> RunReport:
     """Run a goal end to end (plan, workers, merge, verify, report) and return its report.
 
@@ -103,7 +104,8 @@ def run_goal(
     it is spent). ``settings_block`` and ``repo_block`` name Prefect blocks;
     explicitly set fields of ``settings`` override the settings block. The run uses
     ``PREFECT_API_URL`` when set, else the local ClaudeCluster Prefect server (started on
-    first use), or Prefect's throwaway backend with ``ephemeral=True``.
+    first use), or Prefect's throwaway backend with ``ephemeral=True``; ``announce`` is told
+    when that server has to be started (it takes a few seconds).
 
     Bad input raises a UsageError before anything is started or changed.
     """
@@ -122,12 +124,15 @@ def run_goal(
     if repo is None and repo_block is None:
         raise UsageError("no repository given", hint="Pass --repo PATH or --repo-block NAME.")
     if repo is not None and not is_remote(repo):
-        gitops.open_repo(repo)  # fail on a bad repo before starting any server
+        # Everything that can be checked locally is, before any server starts.
+        local = gitops.open_repo(repo)
+        gitops.resolve_commit(local, base)
+        prepare_plan(Path(local.working_dir), plan=plan, plan_file=plan_file, max_tasks=max_tasks)
     if goal is not None and plan is None and plan_file is None:
         check_goal(goal)
     if settings_block is None:
         require_credentials()
-    server = connect(ephemeral=ephemeral)
+    server = connect(ephemeral=ephemeral, announce=announce)
     if repo_block is not None:
         from claudecluster.blocks.repository import load_target
 
@@ -193,12 +198,13 @@ def run_sweep(
     pool: str | None = None,
     settings_block: str | None = None,
     ephemeral: bool = False,
+    announce: Callable[[str], None] | None = None,
 ) -> RunReport:
     """Run a sweep now: select and batch its files, run the tasks, merge, verify, report."""
     git_repo = gitops.open_repo(repo)
     if settings_block is None:
         require_credentials()
-    server = connect(ephemeral=ephemeral)
+    server = connect(ephemeral=ephemeral, announce=announce)
     from claudecluster.pools import worker_deployments
 
     worker_deployments({pool} if pool else set())
@@ -234,7 +240,9 @@ def _load_block(loader: Callable[[str], T], name: str, what: str) -> T:
         ) from None
 
 
-def connect(*, ephemeral: bool = False) -> ServerInfo | None:
+def connect(
+    *, ephemeral: bool = False, announce: Callable[[str], None] | None = None
+) -> ServerInfo | None:
     """Point this process at a Prefect backend; return the server when it has a UI."""
     from prefect.context import FlowRunContext
 
@@ -246,19 +254,23 @@ def connect(*, ephemeral: bool = False) -> ServerInfo | None:
         prefect_server.use_ephemeral()
         ensure_limits()
         return None
+    if announce and not os.environ.get("PREFECT_API_URL") and not prefect_server.server_status():
+        announce("Starting the local Prefect server (first use only)...")
     info = prefect_server.ensure_server()
     prefect_server.use_server(info)
     ensure_limits()
     return info
 
 
-def resume_run(run_id: str, *, ephemeral: bool = False) -> RunReport:
+def resume_run(
+    run_id: str, *, ephemeral: bool = False, announce: Callable[[str], None] | None = None
+) -> RunReport:
     """Run ``run_id`` again with the same parameters: only what failed or never ran re-runs.
 
     Completed workers come back from Prefect's cache (their persisted results), so their
     sessions are not run or paid for again; their results are marked ``cached``.
     """
-    server = connect(ephemeral=ephemeral)
+    server = connect(ephemeral=ephemeral, announce=announce)
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import (
         FlowFilter,

@@ -101,8 +101,7 @@ def _cmd_task(args: argparse.Namespace) -> int:
         kind=args.kind,
     )
     run_id = new_run_id()
-    _announce_server(args)
-    api.connect(ephemeral=args.ephemeral)
+    api.connect(ephemeral=args.ephemeral, announce=_announce)
     from claudecluster.flows.single_task import single_task_flow
 
     async def _run() -> TaskResult:
@@ -120,14 +119,8 @@ def _cmd_task(args: argparse.Namespace) -> int:
     return EXIT_OK if result.status.ok else EXIT_FAILED
 
 
-def _announce_server(args: argparse.Namespace) -> None:
-    """Say so before a cold start of the local server, which takes a few seconds."""
-    from claudecluster import prefect_server
-
-    if args.ephemeral or os.environ.get("PREFECT_API_URL"):
-        return
-    if prefect_server.server_status() is None:
-        print("Starting the local Prefect server (first use only)...", file=sys.stderr)
+def _announce(message: str) -> None:
+    print(message, file=sys.stderr)
 
 
 def _read_goal(args: argparse.Namespace) -> str | None:
@@ -157,8 +150,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
         "settings_block": args.settings_block,
         "repo_block": args.repo_block,
         "budget_usd": args.budget_usd,
+        "announce": _announce,
     }
-    _announce_server(args)
     if args.json or not sys.stderr.isatty():
         report = api.run_goal(goal, args.repo, **kwargs)
     else:
@@ -222,7 +215,6 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     print("CLI, git, Prefect and the tests are real. Set ANTHROPIC_API_KEY and use")
     print("`claudecluster run` to do the same with a real model.")
     print(f"\nSample project: {repo}\nGoal: {DEMO_GOAL}\n")
-    _announce_server(args)
     with DemoModel(latency_s=args.latency) as model:
         settings = WorkerSettings(model=args.model) if args.model else WorkerSettings()
 
@@ -234,6 +226,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
                 max_parallel=args.max_parallel,
                 settings=settings,
                 ephemeral=args.ephemeral,
+                announce=_announce,
             )
 
         if sys.stderr.isatty():
@@ -267,7 +260,6 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
         kind=args.kind,
         verify=args.verify,
     )
-    _announce_server(args)
     report = api.run_sweep(
         spec,
         args.repo,
@@ -276,6 +268,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
         pool=args.pool,
         settings_block=args.settings_block,
         ephemeral=args.ephemeral,
+        announce=_announce,
     )
     if args.json:
         print(report.model_dump_json(indent=2))
@@ -289,8 +282,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
 def _cmd_resume(args: argparse.Namespace) -> int:
     from claudecluster.report import print_run_report
 
-    _announce_server(args)
-    report = api.resume_run(args.run_id, ephemeral=args.ephemeral)
+    report = api.resume_run(args.run_id, ephemeral=args.ephemeral, announce=_announce)
     if args.json:
         print(report.model_dump_json(indent=2))
     else:
@@ -319,8 +311,7 @@ def _cmd_clean(args: argparse.Namespace) -> int:
 def _cmd_setup(args: argparse.Namespace) -> int:
     from claudecluster.setup import setup
 
-    _announce_server(args)
-    server = api.connect(ephemeral=False)
+    server = api.connect(ephemeral=False, announce=_announce)
     report = setup(
         sessions=args.sessions,
         result_storage=args.result_storage,

@@ -201,6 +201,40 @@ class TestBadInput:
         assert snapshot(repo) == before
         assert git(repo, "for-each-ref") == refs
 
+    @pytest.mark.parametrize(
+        ("content", "words"),
+        [
+            ("", "is empty"),
+            ("tasks:\n  - {id: a, title: A, prompt: a, depends_on: [zz]}\n", "unknown task 'zz'"),
+            (
+                "tasks:\n  - {id: a, title: A, prompt: a}\n  - {id: a, title: B, prompt: b}\n",
+                "duplicate task id 'a'",
+            ),
+            ("tasks:\n  - {id: a, title: A, prompt: a, paths: [../outside]}\n", "leaves the repo"),
+            ("tasks:\n  - {id: a, title: A, prompt: a, paths: [/etc/passwd]}\n", "is absolute"),
+            ("tasks:\n  - {id: a, title: A, prompt: a, paths: [escape/x.py]}\n", "symlink"),
+        ],
+        ids=["empty", "unknown-dependency", "duplicate-ids", "dotdot", "absolute", "symlink"],
+    )
+    def test_bad_plan_changes_nothing(
+        self, repo: Path, tmp_path: Path, content: str, words: str
+    ) -> None:
+        (repo / "escape").symlink_to(tmp_path)  # a symlink inside the repo that leads out
+        git(repo, "add", "escape")
+        git(repo, "commit", "-qm", "add a symlink")
+        bad = tmp_path / "plan.yaml"
+        bad.write_text(content)
+        before = snapshot(repo)
+        refs = git(repo, "for-each-ref")
+        proc = cli("run", "--plan", str(bad), "--repo", str(repo))
+        self._assert_usage_error(proc, words)
+        assert snapshot(repo) == before
+        assert git(repo, "for-each-ref") == refs
+
+    def test_missing_plan_file(self, repo: Path, tmp_path: Path) -> None:
+        proc = cli("run", "--plan", str(tmp_path / "nope.yaml"), "--repo", str(repo))
+        self._assert_usage_error(proc, "does not exist")
+
     def test_invalid_yaml(self, repo: Path, tmp_path: Path) -> None:
         bad = tmp_path / "bad.yaml"
         bad.write_text("tasks: [\n  - id: a\n")

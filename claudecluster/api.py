@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from claudecluster import gitops, prefect_server
 from claudecluster.errors import ConfigError, UsageError
@@ -179,14 +179,7 @@ def run_goal(
         budget_usd=budget_usd,
         return_state=True,
     )
-    report = state.result(raise_on_failure=False)
-    if isinstance(report, BaseException):
-        raise report
-    if not isinstance(report, RunReport):
-        raise RuntimeError(f"the goal flow returned {type(report).__name__}, not a RunReport")
-    if server is not None and report.flow_run_id:
-        report.ui_url = prefect_server.flow_run_url(server, report.flow_run_id)
-    return report
+    return _report_of(state, server)
 
 
 def run_sweep(
@@ -219,11 +212,16 @@ def run_sweep(
         settings_block=settings_block,
         return_state=True,
     )
+    return _report_of(state, server)
+
+
+def _report_of(state: Any, server: ServerInfo | None) -> RunReport:
+    """The RunReport a goal or sweep flow run's final state carries, with its UI link."""
     report = state.result(raise_on_failure=False)
     if isinstance(report, BaseException):
         raise report
     if not isinstance(report, RunReport):
-        raise RuntimeError(f"the sweep flow returned {type(report).__name__}, not a RunReport")
+        raise RuntimeError(f"the flow returned {type(report).__name__}, not a RunReport")
     if server is not None and report.flow_run_id:
         report.ui_url = prefect_server.flow_run_url(server, report.flow_run_id)
     return report
@@ -297,11 +295,4 @@ def resume_run(
     parameters = dict(runs[0].parameters)
     parameters["run_id"] = run_id
     state = goal_flow(**parameters, return_state=True)
-    report = state.result(raise_on_failure=False)
-    if isinstance(report, BaseException):
-        raise report
-    if not isinstance(report, RunReport):
-        raise RuntimeError(f"the goal flow returned {type(report).__name__}, not a RunReport")
-    if server is not None and report.flow_run_id:
-        report.ui_url = prefect_server.flow_run_url(server, report.flow_run_id)
-    return report
+    return _report_of(state, server)

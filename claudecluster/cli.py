@@ -119,6 +119,17 @@ def _cmd_task(args: argparse.Namespace) -> int:
     return EXIT_OK if result.status.ok else EXIT_FAILED
 
 
+def _finish(report: RunReport, *, as_json: bool) -> int:
+    """Print a run's report (JSON alone on stdout with --json); its exit code."""
+    from claudecluster.report import print_run_report
+
+    if as_json:
+        print(report.model_dump_json(indent=2))
+    else:
+        print_run_report(report)
+    return EXIT_OK if report.status == "succeeded" else EXIT_FAILED
+
+
 def _announce(message: str) -> None:
     print(message, file=sys.stderr)
 
@@ -132,7 +143,7 @@ def _read_goal(args: argparse.Namespace) -> str | None:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from claudecluster.progress import listen
-    from claudecluster.report import LiveProgress, print_run_report
+    from claudecluster.report import LiveProgress
 
     goal = _read_goal(args)
     if args.plan is None and not (goal or "").strip():
@@ -157,11 +168,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     else:
         with LiveProgress() as display, listen(display):
             report = api.run_goal(goal, args.repo, **kwargs)
-    if args.json:
-        print(report.model_dump_json(indent=2))
-    else:
-        print_run_report(report)
-    return EXIT_OK if report.status == "succeeded" else EXIT_FAILED
+    return _finish(report, as_json=args.json)
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:
@@ -246,7 +253,6 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_sweep(args: argparse.Namespace) -> int:
-    from claudecluster.report import print_run_report
     from claudecluster.sweep import SweepSpec
 
     spec = SweepSpec(
@@ -270,24 +276,16 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
         ephemeral=args.ephemeral,
         announce=_announce,
     )
-    if args.json:
-        print(report.model_dump_json(indent=2))
-    elif not report.tasks:
+    if not report.tasks and not args.json:
         print(f"sweep {args.name}: no files to sweep")
-    else:
-        print_run_report(report)
-    return EXIT_OK if report.status == "succeeded" else EXIT_FAILED
+        return EXIT_OK
+    return _finish(report, as_json=args.json)
 
 
 def _cmd_resume(args: argparse.Namespace) -> int:
-    from claudecluster.report import print_run_report
 
     report = api.resume_run(args.run_id, ephemeral=args.ephemeral, announce=_announce)
-    if args.json:
-        print(report.model_dump_json(indent=2))
-    else:
-        print_run_report(report)
-    return EXIT_OK if report.status == "succeeded" else EXIT_FAILED
+    return _finish(report, as_json=args.json)
 
 
 def _cmd_clean(args: argparse.Namespace) -> int:

@@ -157,9 +157,9 @@ def run_goal(
 
         _load_block(lambda name: resolve_settings(None, name), settings_block, "settings")
     from claudecluster.plan import pools_in
-    from claudecluster.pools import worker_deployments
+    from claudecluster.pools import check_reachable, worker_deployments
 
-    worker_deployments(pools_in(checked, pool))
+    check_reachable(worker_deployments(pools_in(checked, pool)), repo_is_url=is_remote(repo))
     from claudecluster.flows.goal import goal_flow
 
     state = goal_flow(

@@ -100,3 +100,19 @@ def worker_deployments(pools: set[str]) -> dict[str, PoolTarget]:
             hint="Deploy it: prefect deploy --all --prefect-file deployments/prefect.yaml",
         )
     return found
+
+
+def check_reachable(targets: dict[str, PoolTarget], *, repo_is_url: bool) -> None:
+    """Refuse pools that could never reach the repository before anything starts.
+
+    A local repository is served to container pools on this machine's loopback, which Docker
+    containers with host networking reach and Kubernetes pods do not.
+    """
+    if repo_is_url:
+        return
+    for pool, target in targets.items():
+        if target.pool_type == "kubernetes":
+            raise UsageError(
+                f"pool {pool!r} runs pods that cannot reach a local repository",
+                hint="Pass a git URL the cluster can clone and push to (--repo or --repo-block).",
+            )

@@ -21,11 +21,13 @@ from claudecluster.models import _Model
 
 PROCESS_POOL = "claudecluster-process"
 DOCKER_POOL = "claudecluster-docker"
+KUBERNETES_POOL = "claudecluster-kubernetes"
 
 # pool name -> (worker type, template path inside claudecluster.infra)
 POOLS: dict[str, tuple[str, str]] = {
     PROCESS_POOL: ("process", "process/base-job-template.json"),
     DOCKER_POOL: ("docker", "docker/base-job-template.json"),
+    KUBERNETES_POOL: ("kubernetes", "k8s/base-job-template.json"),
 }
 
 
@@ -120,4 +122,12 @@ def setup(
     )
 
 
-__all__ = ["DOCKER_POOL", "POOLS", "PROCESS_POOL", "SESSION_LIMIT", "SetupReport", "setup"]
+__all__ = [
+    "DOCKER_POOL",
+    "KUBERNETES_POOL",
+    "POOLS",
+    "PROCESS_POOL",
+    "SESSION_LIMIT",
+    "SetupReport",
+    "setup",
+]

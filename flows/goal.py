@@ -36,7 +36,7 @@ from claudecluster.plan import (
     pools_in,
     validate_plan,
 )
-from claudecluster.pools import worker_deployments
+from claudecluster.pools import check_reachable, worker_deployments
 from claudecluster.progress import RunProgress
 from claudecluster.summary import build_report, planning_failed_report
 from claudecluster.tasks.integrate import integrate_branches
@@ -176,6 +176,7 @@ def goal_flow(
     logger.info("run %s: %d tasks from %s", run_id, len(plan.tasks), base[:12])
 
     targets = worker_deployments(pools_in(plan, pool))
+    check_reachable(targets, repo_is_url=url is not None)
     with ExitStack() as stack:
         repo_url = url
         if repo_url is None and not all(t.shares_disk for t in targets.values()):

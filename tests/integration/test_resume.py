@@ -4,6 +4,11 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -117,3 +122,93 @@ class TestResume:
         assert attempts.split(), "the failed attempt's branch is kept"
         merged = git(repo, "show", f"{second['integration_branch']}:test_flaky.py")
         assert "assert True" in merged
+
+
+@pytest.mark.usefixtures("prefect_backend")
+class TestResumeAfterKill:
+    """kill -9 of the driver mid-run, then resume: finished work is reused, the rest reruns."""
+
+    def test_kill_driver_then_resume(
+        self, repo: Path, tmp_path: Path, model_server: ScriptedModelServer, marker: str
+    ) -> None:
+        first_session_of_slow: list[str] = []
+
+        def slow_write(view: RequestView) -> Turn:
+            # The first session of `slow` never gets an answer (its driver is killed while it
+            # waits); any later session gets one at once.
+            if not first_session_of_slow:
+                first_session_of_slow.append(view.session_id or "")
+            if view.session_id == first_session_of_slow[0]:
+                return tool_use("Write", {"file_path": "slow.txt", "content": "x\n"}, latency_s=600)
+            return tool_use("Write", {"file_path": "slow.txt", "content": "slow\n"})
+
+        model_server.add_script(
+            Script(
+                name=f"{marker}-quick",
+                match=f"{marker}-quick",
+                turns=[
+                    tool_use("Write", {"file_path": "quick.txt", "content": "quick\n"}),
+                    text("Done."),
+                ],
+            )
+        )
+        model_server.add_script(
+            Script(name=f"{marker}-slow", match=f"{marker}-slow", turns=[slow_write, text("ok")])
+        )
+        plan_file = tmp_path / "plan.json"
+        plan_file.write_text(
+            json.dumps(
+                {
+                    "goal": "Survive the driver",
+                    "tasks": [
+                        {"id": "quick", "title": "Quick", "prompt": f"{marker}-quick"},
+                        {"id": "slow", "title": "Slow", "prompt": f"{marker}-slow"},
+                    ],
+                }
+            )
+        )
+        driver = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "claudecluster.cli",
+                "run",
+                "--plan",
+                str(plan_file),
+                "--repo",
+                str(repo),
+                "--max-parallel",
+                "2",
+                "--json",
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            start_new_session=True,
+        )
+        try:
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline:
+                refs = git(repo, "for-each-ref", "--format=%(refname:short)", "refs/heads/")
+                branches = [r for r in refs.split() if r.endswith("/quick")]
+                if branches and first_session_of_slow:
+                    break
+                time.sleep(0.2)
+            assert branches, "the quick task finished before the kill"
+            run_id = branches[0].split("/")[1]
+            time.sleep(1.0)  # let the quick task's result be persisted and reported
+        finally:
+            os.killpg(driver.pid, signal.SIGKILL)  # the driver and every session it started
+            driver.wait(timeout=30)
+
+        proc = cli("resume", run_id, "--json")
+
+        assert proc.returncode == 0, proc.stderr
+        report = json.loads(proc.stdout)
+        by_id = {t["id"]: t for t in report["tasks"]}
+        assert report["status"] == "succeeded"
+        assert by_id["quick"]["cached"] is True
+        assert by_id["slow"]["cached"] is False
+        sessions = [s.script for s in model_server.sessions().values()]
+        assert sessions.count(f"{marker}-quick") == 1
+        assert sessions.count(f"{marker}-slow") == 2
+        assert git(repo, "show", f"{report['integration_branch']}:slow.txt") == "slow\n"

@@ -487,15 +487,15 @@ def build_parser() -> argparse.ArgumentParser:
     setup_cmd.add_argument(
         "--sessions",
         type=_positive_int,
-        help="cluster-wide cap on concurrent Claude Code sessions (default 8, or keep current)",
+        help="cluster-wide cap on concurrent Claude Code sessions (default 16, or keep current)",
     )
     setup_cmd.add_argument(
         "--starts-per-second",
         type=_positive_float,
-        help="session starts per second across the cluster (default 2; tune to your API tier)",
+        help="session starts per second across the cluster (default 8; tune to your API tier)",
     )
     setup_cmd.add_argument(
-        "--start-burst", type=_positive_int, help="session starts allowed at once (default 4)"
+        "--start-burst", type=_positive_int, help="session starts allowed at once (default 16)"
     )
     setup_cmd.add_argument(
         "--result-storage",

@@ -21,6 +21,7 @@ from prefect.futures import PrefectFlowRunFuture, PrefectFuture, as_completed
 from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import BaseModel
 
+from claudecluster.limits import run_slots, session_cap, start_slot
 from claudecluster.models import FailureReason, TaskResult, TaskSpec, TaskStatus, WorkerSettings
 from claudecluster.plan import Plan, ancestors, paths_overlap, topological_order
 from claudecluster.pools import LOCAL_POOL, PoolTarget, pool_for
@@ -109,11 +110,21 @@ def run_tasks(plan: Plan, run: RunContext, progress: RunProgress) -> dict[str, T
     futures: dict[str, PrefectFuture[TaskResult]] = {}
     running: list[str] = []
     results: dict[str, TaskResult] = {}
+    local = [
+        t for t in plan.tasks if pool_for(t, run_pool=run.pool, plan_pool=plan.pool) == LOCAL_POOL
+    ]
+    width = min(run.max_parallel, session_cap()) if local else run.max_parallel
     runner: ThreadPoolTaskRunner[TaskResult]
-    with ThreadPoolTaskRunner(max_workers=run.max_parallel) as runner:
+    # Local sessions share this run's slots of the cluster-wide session limit, taken once for
+    # the run: per-session acquisition made every task wait seconds on Prefect's Retry-After
+    # under contention (see benchmarks/). Sessions on other pools take their own slots.
+    with (
+        run_slots(width if local else 0),
+        ThreadPoolTaskRunner(max_workers=max(width, 1)) as runner,
+    ):
         while pending or running:
             for spec in list(pending):
-                if len(running) >= run.max_parallel:
+                if len(running) >= width:
                     break
                 if any(dep not in results for dep in spec.depends_on):
                     continue
@@ -171,6 +182,8 @@ def _start(
         # Passing the futures (not their results) draws the graph's edges.
         parameters["dependencies"] = [futures[d] for d in spec.depends_on]
         parameters["worktree_root"] = run.worktree_root
+        parameters["take_session_slot"] = False
+        start_slot()
         return runner.submit(with_retries(run.settings), parameters)
     target = run.targets[task_pool]
     if not target.shares_disk:

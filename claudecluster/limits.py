@@ -2,10 +2,10 @@
 
 Two limits, shared by every run, flow and work pool that talks to the same Prefect server:
 
-- ``claudecluster-sessions`` caps how many sessions run at once (default 8). Every session
+- ``claudecluster-sessions`` caps how many sessions run at once (default 16). Every session
   holds one slot while it runs.
-- ``claudecluster-session-starts`` is a rate limit on session starts (default: bursts of 4,
-  refilled at 2 per second). Every session takes one slot before it starts; slots decay, so
+- ``claudecluster-session-starts`` is a rate limit on session starts (default: bursts of 16,
+  refilled at 8 per second). Every session takes one slot before it starts; slots decay, so
   starts are spread out instead of hitting the API all at once. Tune it to your API tier:
   ``claudecluster setup --starts-per-second R --start-burst B``, or
   ``prefect gcl update claudecluster-session-starts --limit B --slot-decay-per-second R``.
@@ -17,17 +17,20 @@ session does not start (a missing limit must never mean "unlimited").
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 
 from claudecluster.errors import ConfigError
 
 SESSION_LIMIT = "claudecluster-sessions"
-DEFAULT_SESSION_SLOTS = 8
+DEFAULT_SESSION_SLOTS = 16
 START_RATE_LIMIT = "claudecluster-session-starts"
-DEFAULT_START_BURST = 4
-DEFAULT_STARTS_PER_SECOND = 2.0
+# Generous enough that a run's own fan-out (up to max_parallel starts at once) is never
+# refused: Prefect answers a refusal with a Retry-After that grows with every refusal it has
+# counted, which cost ~3 s per task in the benchmark with a burst of 4 at 2 per second.
+DEFAULT_START_BURST = 16
+DEFAULT_STARTS_PER_SECOND = 8.0
 
 
 @dataclass(frozen=True)
@@ -93,3 +96,37 @@ async def session_slot() -> AsyncIterator[None]:
             f"cannot take a slot of the ClaudeCluster session limits: {exc}",
             hint="Run `claudecluster setup` against this Prefect server.",
         ) from exc
+
+
+def session_cap() -> int:
+    """The current slots of the cluster-wide session limit."""
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    with get_client(sync_client=True) as client:
+        try:
+            return int(client.read_global_concurrency_limit_by_name(SESSION_LIMIT).limit)
+        except ObjectNotFound:
+            raise ConfigError(
+                f"the concurrency limit {SESSION_LIMIT} is missing on the Prefect server",
+                hint="Run `claudecluster setup` against this Prefect server.",
+            ) from None
+
+
+@contextmanager
+def run_slots(slots: int) -> Iterator[None]:
+    """Hold ``slots`` of the session limit for a whole run (none when ``slots`` is 0)."""
+    if slots <= 0:
+        yield
+        return
+    from prefect.concurrency.sync import concurrency
+
+    with concurrency(SESSION_LIMIT, occupy=slots, strict=True):
+        yield
+
+
+def start_slot() -> None:
+    """Wait for one session start under the cluster-wide start-rate limit."""
+    from prefect.concurrency.sync import rate_limit
+
+    rate_limit(START_RATE_LIMIT, occupy=1, strict=True)

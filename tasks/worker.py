@@ -87,6 +87,7 @@ async def run_worker(
     keep_worktree: bool = False,
     settings_block: str | None = None,
     repo_block: str | None = None,
+    take_session_slot: bool = True,
 ) -> State[TaskResult]:
     """Run one task in its own worktree and branch; return its TaskResult.
 
@@ -135,7 +136,8 @@ async def run_worker(
             worktree_root=root,
             keep_worktree=keep_worktree,
             log=logger.info,
-            session_slot=session_slot,
+            # A local run holds its sessions' slots for the whole run (see dispatch).
+            session_slot=session_slot if take_session_slot else None,
             env=env,
         )
         if local is not None and result.branch:

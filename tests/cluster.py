@@ -276,3 +276,35 @@ def running_cluster(
         # Flow runs and sessions the worker started and that outlived it are ours too.
         kill_pids(processes_with(f"CLAUDECLUSTER_HOME={home}"))
         stop_server(home)
+
+
+@contextlib.contextmanager
+def ftp_result_store(root: Path) -> Iterator[dict[str, object]]:
+    """An FTP server on loopback serving ``root``: result storage that the driver and the
+    containers (or pods) both reach, without sharing a disk. Yields the root and the
+    ``RemoteFileSystem`` settings for it."""
+    import threading
+
+    from pyftpdlib.authorizers import DummyAuthorizer
+    from pyftpdlib.handlers import FTPHandler
+    from pyftpdlib.servers import ThreadedFTPServer
+
+    authorizer = DummyAuthorizer()
+    authorizer.add_user("results", "results-password", str(root), perm="elradfmwMT")
+    handler = type("ResultsHandler", (FTPHandler,), {"authorizer": authorizer})
+    server = ThreadedFTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"timeout": 0.2}, daemon=True)
+    thread.start()
+    try:
+        yield {
+            "root": root,
+            "settings": {
+                "host": "127.0.0.1",
+                "port": server.socket.getsockname()[1],
+                "username": "results",
+                "password": "results-password",
+            },
+        }
+    finally:
+        server.close_all()
+        thread.join(timeout=5)

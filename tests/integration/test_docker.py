@@ -15,7 +15,6 @@ import json
 import os
 import shutil
 import subprocess
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,7 +22,7 @@ import pytest
 import yaml
 
 from claudecluster.testing import Script, ScriptedModelServer, text, tool_use
-from tests.cluster import Cluster, running_cluster
+from tests.cluster import Cluster, ftp_result_store, running_cluster
 from tests.conftest import git, snapshot
 
 pytestmark = [
@@ -56,30 +55,8 @@ def _require_docker() -> None:
 @pytest.fixture(scope="module")
 def ftp_results(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, object]]:
     """An FTP server on loopback: result storage reachable from the host and containers."""
-    from pyftpdlib.authorizers import DummyAuthorizer
-    from pyftpdlib.handlers import FTPHandler
-    from pyftpdlib.servers import ThreadedFTPServer
-
-    root = tmp_path_factory.mktemp("results")
-    authorizer = DummyAuthorizer()
-    authorizer.add_user("results", "results-password", str(root), perm="elradfmwMT")
-    handler = type("ResultsHandler", (FTPHandler,), {"authorizer": authorizer})
-    server = ThreadedFTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, kwargs={"timeout": 0.2}, daemon=True)
-    thread.start()
-    try:
-        yield {
-            "root": root,
-            "settings": {
-                "host": "127.0.0.1",
-                "port": server.socket.getsockname()[1],
-                "username": "results",
-                "password": "results-password",
-            },
-        }
-    finally:
-        server.close_all()
-        thread.join(timeout=5)
+    with ftp_result_store(tmp_path_factory.mktemp("results")) as store:
+        yield store
 
 
 @pytest.fixture(scope="module")

@@ -31,7 +31,6 @@ import shutil
 import socket
 import subprocess
 import sys
-import threading
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -44,7 +43,14 @@ import yaml
 from claudecluster.prefect_server import ensure_server, stop_server
 from claudecluster.setup import with_result_storage
 from claudecluster.testing import Script, ScriptedModelServer, text, tool_use
-from tests.cluster import DEFAULT_SESSIONS, Cluster, kill_pids, processes_with, wait_for
+from tests.cluster import (
+    DEFAULT_SESSIONS,
+    Cluster,
+    ftp_result_store,
+    kill_pids,
+    processes_with,
+    wait_for,
+)
 from tests.conftest import git, snapshot
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -207,30 +213,8 @@ def ftp_results(
     kube_node: str, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[dict[str, object]]:
     """An FTP server on loopback: result storage the driver and the pods both reach."""
-    from pyftpdlib.authorizers import DummyAuthorizer
-    from pyftpdlib.handlers import FTPHandler
-    from pyftpdlib.servers import ThreadedFTPServer
-
-    root = tmp_path_factory.mktemp("k8s-results")
-    authorizer = DummyAuthorizer()
-    authorizer.add_user("results", "results-password", str(root), perm="elradfmwMT")
-    handler = type("ResultsHandler", (FTPHandler,), {"authorizer": authorizer})
-    server = ThreadedFTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, kwargs={"timeout": 0.2}, daemon=True)
-    thread.start()
-    try:
-        yield {
-            "root": root,
-            "settings": {
-                "host": "127.0.0.1",
-                "port": server.socket.getsockname()[1],
-                "username": "results",
-                "password": "results-password",
-            },
-        }
-    finally:
-        server.close_all()
-        thread.join(timeout=5)
+    with ftp_result_store(tmp_path_factory.mktemp("k8s-results")) as store:
+        yield store
 
 
 @pytest.fixture(scope="module")

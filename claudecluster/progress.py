@@ -4,10 +4,16 @@ The goal flow reports every change (planned, task started, task finished, integr
 done) to a :class:`RunProgress`. It keeps the run's progress artifact up to date, and passes
 a :class:`ProgressEvent` to any listener registered with :func:`listen`, which is how the CLI
 draws its live display when the flow runs in the same process.
+
+The artifact is written by a background thread that only ever sends the latest figure: the
+dispatcher reports from its scheduling loop, and a write that waits on a busy server (the
+Prefect client backs off for seconds when the server's database is locked) must not hold up
+the start of the next task.
 """
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import threading
 from collections.abc import Callable, Iterator
@@ -64,7 +70,7 @@ class RunProgress:
         self.running: list[str] = []
         self.failed: list[str] = []
         self.cost_usd = cost_usd
-        self._artifact_id: UUID | None = None
+        self._publisher: _ProgressPublisher | None = None
 
     def _emit(self, kind: EventKind, task: TaskResult | None = None, message: str = "") -> None:
         event = ProgressEvent(
@@ -88,14 +94,9 @@ class RunProgress:
 
     def _publish(self) -> None:
         percent = 100.0 * len(self.done) / self.total if self.total else 0.0
-        if self._artifact_id is None:
-            self._artifact_id = create_progress_artifact(  # type: ignore[assignment]
-                progress=percent,
-                key=f"{self.run_id}-progress",
-                description=f"Tasks finished in run {self.run_id}",
-            )
-        else:
-            update_progress_artifact(self._artifact_id, progress=percent)
+        if self._publisher is None:
+            self._publisher = _ProgressPublisher(self.run_id)
+        self._publisher.publish(percent)
 
     def planning(self) -> None:
         """The planner session started."""
@@ -128,5 +129,60 @@ class RunProgress:
         self._emit("integrating", message="merging task branches")
 
     def complete(self, message: str) -> None:
-        """The run is over."""
+        """The run is over: the artifact shows the final figure before this returns."""
+        if self._publisher is not None:
+            self._publisher.close()
         self._emit("done", message=message)
+
+
+class _ProgressPublisher:
+    """Writes a run's progress artifact from a thread, newest figure only."""
+
+    def __init__(self, run_id: str) -> None:
+        self.run_id = run_id
+        self._artifact_id: UUID | None = None
+        self._latest: float | None = None
+        self._closed = False
+        self._changed = threading.Condition()
+        # The copied context carries the flow run, so the artifact is linked to it.
+        context = contextvars.copy_context()
+        self._thread = threading.Thread(
+            target=context.run, args=(self._run,), name=f"progress-{run_id}", daemon=True
+        )
+        self._thread.start()
+
+    def publish(self, percent: float) -> None:
+        with self._changed:
+            self._latest = percent
+            self._changed.notify()
+
+    def close(self, timeout_s: float = 30.0) -> None:
+        with self._changed:
+            self._closed = True
+            self._changed.notify()
+        self._thread.join(timeout_s)
+
+    def _run(self) -> None:
+        while True:
+            with self._changed:
+                while self._latest is None and not self._closed:
+                    self._changed.wait()
+                percent, self._latest = self._latest, None
+                closed = self._closed
+            if percent is not None:
+                try:
+                    self._write(percent)
+                except Exception:  # progress is informative; the run goes on without it
+                    _log.warning("could not update the progress artifact", exc_info=True)
+            if closed and percent is None:
+                return
+
+    def _write(self, percent: float) -> None:
+        if self._artifact_id is None:
+            self._artifact_id = create_progress_artifact(  # type: ignore[assignment]
+                progress=percent,
+                key=f"{self.run_id}-progress",
+                description=f"Tasks finished in run {self.run_id}",
+            )
+        else:
+            update_progress_artifact(self._artifact_id, progress=percent)

@@ -6,7 +6,13 @@ graph's edges in the UI and hands them their branches); tasks on other pools are
 ``run_deployment`` and awaited as ``PrefectFlowRunFuture``s. The loop reacts to completions
 with ``as_completed``. A task is submitted only once it can start (its dependencies are done
 and no running task holds a lease on overlapping paths), because a submitted task waiting on
-upstream futures would occupy one of the ``max_parallel`` threads while it waits.
+upstream futures would occupy a thread while it waits.
+
+Local tasks are submitted up to ``max_parallel`` ahead of a free session place: they create
+their worktrees while the sessions run and start the moment one ends, so the work around a
+session (worktree, commit, diff, artifacts, Prefect's task-run bookkeeping) is off the
+critical path. The places, start permits and budget check live in
+:class:`claudecluster.limits.RunSessions`.
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ from prefect.futures import PrefectFlowRunFuture, PrefectFuture, as_completed
 from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import BaseModel
 
-from claudecluster.limits import run_slots, session_cap, start_slot
+from claudecluster.limits import RunSessions, budget_spent, local_sessions
 from claudecluster.models import FailureReason, TaskResult, TaskSpec, TaskStatus, WorkerSettings
 from claudecluster.plan import Plan, ancestors, paths_overlap, topological_order
 from claudecluster.pools import LOCAL_POOL, PoolTarget, pool_for
@@ -104,58 +110,114 @@ def run_tasks(plan: Plan, run: RunContext, progress: RunProgress) -> dict[str, T
     ``run.repo_url`` instead (the repository's URL, or the run's served copy). Once the
     cost spent so far (``progress.cost_usd``, the planner included) reaches
     ``run.budget_usd``, no further task starts; running ones finish within their own caps.
+
+    At most ``run.max_parallel`` sessions run at once. Local tasks are submitted up to that
+    many again ahead of a free place: they set up their worktrees while the sessions run
+    and start the moment one ends (see :class:`claudecluster.limits.RunSessions`).
     """
-    logger = get_run_logger()
-    pending = topological_order(plan)
-    futures: dict[str, PrefectFuture[TaskResult]] = {}
-    running: list[str] = []
-    results: dict[str, TaskResult] = {}
-    local = [
-        t for t in plan.tasks if pool_for(t, run_pool=run.pool, plan_pool=plan.pool) == LOCAL_POOL
-    ]
-    width = min(run.max_parallel, session_cap()) if local else run.max_parallel
-    runner: ThreadPoolTaskRunner[TaskResult]
-    # Local sessions share this run's slots of the cluster-wide session limit, taken once for
-    # the run: per-session acquisition made every task wait seconds on Prefect's Retry-After
-    # under contention (see benchmarks/). Sessions on other pools take their own slots.
-    with (
-        run_slots(width if local else 0),
-        ThreadPoolTaskRunner(max_workers=max(width, 1)) as runner,
-    ):
-        while pending or running:
-            for spec in list(pending):
-                if len(running) >= width:
-                    break
-                if any(dep not in results for dep in spec.depends_on):
-                    continue
-                failed = [d for d in spec.depends_on if not results[d].status.ok]
-                if failed:
-                    pending.remove(spec)
-                    results[spec.id] = _skipped(spec, run.base_commit, failed)
-                    logger.warning("skipping %s: %s", spec.id, results[spec.id].error)
-                    progress.finished(results[spec.id])
-                    continue
-                if run.budget_usd is not None and progress.cost_usd >= run.budget_usd:
-                    pending.remove(spec)
-                    results[spec.id] = _over_budget(spec, run, progress.cost_usd)
-                    logger.warning("not starting %s: %s", spec.id, results[spec.id].error)
-                    progress.finished(results[spec.id])
-                    continue
-                if holder := _holds_lease(plan, spec, running):
-                    logger.info("%s waits: its paths overlap running task %s", spec.id, holder)
-                    continue
-                pending.remove(spec)
-                futures[spec.id] = _start(spec, plan, run, runner, futures, results)
-                running.append(spec.id)
-                progress.started(spec.id)
-            if not running:
+    local_ids = {
+        t.id
+        for t in plan.tasks
+        if pool_for(t, run_pool=run.pool, plan_pool=plan.pool) == LOCAL_POOL
+    }
+    with local_sessions(
+        run.run_id,
+        run.max_parallel,
+        len(local_ids),
+        budget_usd=run.budget_usd,
+        spent_usd=progress.cost_usd,
+    ) as sessions:
+        width = sessions.width if sessions else run.max_parallel
+        ahead = width if sessions else 0  # local tasks set up while a place is busy
+        runner: ThreadPoolTaskRunner[TaskResult]
+        with ThreadPoolTaskRunner(max_workers=width + ahead) as runner:
+            dispatcher = _Dispatcher(plan, run, progress, runner, sessions, local_ids)
+            try:
+                return dispatcher.run(capacity=width + ahead)
+            except BaseException as exc:
+                if sessions:  # tasks waiting for a place must not start now
+                    sessions.stop(f"not started: the run stopped ({type(exc).__name__})")
+                raise
+
+
+class _Dispatcher:
+    """The scheduling loop of one run: start what can start, then wait for a completion."""
+
+    def __init__(
+        self,
+        plan: Plan,
+        run: RunContext,
+        progress: RunProgress,
+        runner: ThreadPoolTaskRunner[TaskResult],
+        sessions: RunSessions | None,
+        local_ids: set[str],
+    ) -> None:
+        self.plan, self.run_context, self.progress = plan, run, progress
+        self.runner, self.sessions, self.local_ids = runner, sessions, local_ids
+        self.logger = get_run_logger()
+        self.pending = topological_order(plan)
+        self.futures: dict[str, PrefectFuture[TaskResult]] = {}
+        self.running: list[str] = []
+        self.results: dict[str, TaskResult] = {}
+        self.claimed: set[str] = set()  # tasks on other pools holding one of the places
+
+    def run(self, capacity: int) -> dict[str, TaskResult]:
+        while self.pending or self.running:
+            self._start_ready(capacity)
+            if not self.running:
                 break  # everything left was skipped
-            finished = next(as_completed([futures[task_id] for task_id in running]))
-            task_id = next(t for t in running if futures[t] is finished)
-            running.remove(task_id)
-            results[task_id] = _result_of(finished, plan.by_id()[task_id], run.base_commit)
-            progress.finished(results[task_id])
-    return results
+            self._collect_one()
+        return self.results
+
+    def _start_ready(self, capacity: int) -> None:
+        run, results = self.run_context, self.results
+        for spec in list(self.pending):
+            if len(self.running) >= capacity:
+                return
+            if any(dep not in results for dep in spec.depends_on):
+                continue
+            failed = [d for d in spec.depends_on if not results[d].status.ok]
+            spent = self.progress.cost_usd
+            if failed or (run.budget_usd is not None and spent >= run.budget_usd):
+                self.pending.remove(spec)
+                if self.sessions and spec.id in self.local_ids:
+                    self.sessions.permits.forgo()
+                results[spec.id] = (
+                    _skipped(spec, run.base_commit, failed)
+                    if failed
+                    else _over_budget(spec, run, spent)
+                )
+                self.logger.warning("not starting %s: %s", spec.id, results[spec.id].error)
+                self.progress.finished(results[spec.id])
+                continue
+            if holder := _holds_lease(self.plan, spec, self.running):
+                self.logger.info("%s waits: its paths overlap running task %s", spec.id, holder)
+                continue
+            if spec.id not in self.local_ids and self.sessions:
+                if not self.sessions.claim():
+                    continue
+                self.claimed.add(spec.id)
+            self.pending.remove(spec)
+            if self.sessions and spec.id in self.local_ids:
+                self.sessions.queue(spec.id)
+            self.futures[spec.id] = _start(spec, self.plan, run, self.runner, self.futures, results)
+            self.running.append(spec.id)
+            self.progress.started(spec.id)
+
+    def _collect_one(self) -> None:
+        futures = self.futures
+        finished = next(as_completed([futures[task_id] for task_id in self.running]))
+        task_id = next(t for t in self.running if futures[t] is finished)
+        self.running.remove(task_id)
+        result = _result_of(finished, self.plan.by_id()[task_id], self.run_context.base_commit)
+        self.results[task_id] = result
+        if self.sessions and task_id in self.local_ids:
+            self.sessions.withdraw(task_id)  # if it never asked for its place
+        if task_id in self.claimed and self.sessions:
+            self.claimed.discard(task_id)
+            self.sessions.spend(result.cost_usd)
+            self.sessions.leave()
+        self.progress.finished(result)
 
 
 def _start(
@@ -183,7 +245,6 @@ def _start(
         parameters["dependencies"] = [futures[d] for d in spec.depends_on]
         parameters["worktree_root"] = run.worktree_root
         parameters["take_session_slot"] = False
-        start_slot()
         return runner.submit(with_retries(run.settings), parameters)
     target = run.targets[task_pool]
     if not target.shares_disk:
@@ -200,8 +261,7 @@ def _over_budget(spec: TaskSpec, run: RunContext, spent: float) -> TaskResult:
         kind=spec.kind,
         status=TaskStatus.SKIPPED,
         failure_reason=FailureReason.GOAL_BUDGET,
-        error=f"not started: the goal's budget of ${run.budget_usd:.2f} was spent "
-        f"(${spent:.4f} so far)",
+        error=budget_spent(run.budget_usd or 0.0, spent),
         base_commit=run.base_commit,
     )
 

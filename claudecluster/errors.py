@@ -12,6 +12,7 @@ message and pick an exit code without string matching::
     │   └── ConfigError               settings, keys or pools are missing or contradictory
     ├── GitError                      a git operation we rely on failed
     ├── SessionError                  a Claude Code session could not run at all
+    │   └── StartRefusedError         the run stopped starting sessions (its budget is spent)
     ├── PlannerError                  the planner session produced no usable plan
     └── ServerError                   the embedded Prefect server could not be started
 
@@ -87,6 +88,14 @@ class SessionError(ClaudeClusterError):
         super().__init__(message)
         self.process_exit_code = exit_code
         self.stderr = stderr
+
+
+class StartRefusedError(SessionError):
+    """The run stopped starting sessions before this one started (its budget is spent)."""
+
+    def __init__(self, message: str, *, failure_reason: str) -> None:
+        super().__init__(message)
+        self.failure_reason = failure_reason
 
 
 class PlannerError(ClaudeClusterError):

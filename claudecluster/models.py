@@ -143,6 +143,7 @@ class FailureReason(StrEnum):
     SESSION_ERROR = "session_error"
     DEPENDENCY_FAILED = "dependency_failed"
     GOAL_BUDGET = "goal_budget"
+    RUN_STOPPED = "run_stopped"  # the driver stopped (an error) before this task's session began
     GIT_ERROR = "git_error"
 
 

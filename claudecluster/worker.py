@@ -17,9 +17,10 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Protocol
 
 from claudecluster import gitops
-from claudecluster.errors import ClaudeClusterError
+from claudecluster.errors import ClaudeClusterError, StartRefusedError
 from claudecluster.models import (
     FailureReason,
     TaskResult,
@@ -51,7 +52,14 @@ _FAILED_REASONS = {
 }
 
 
-SlotFactory = Callable[[], AbstractAsyncContextManager[None]]
+class CostSink(Protocol):
+    """Told what a session cost as soon as it ends (a run's budget counts it at once)."""
+
+    def spend(self, usd: float) -> None: ...
+
+
+# What a session holds while it runs; what it yields (if anything) is told the session's cost.
+SlotFactory = Callable[[], AbstractAsyncContextManager[CostSink | None]]
 
 
 @asynccontextmanager
@@ -143,7 +151,7 @@ async def execute_task(
         extra_disallowed=settings.disallowed_tools,
     )
     try:
-        async with (session_slot or no_slot)():
+        async with (session_slot or no_slot)() as place:
             outcome: SessionOutcome = await run_session(
                 task_prompt(spec, verify_command),
                 cwd=worktree.path,
@@ -153,11 +161,18 @@ async def execute_task(
                 env=env,
                 log=log,
             )
+            if place is not None:
+                place.spend(outcome.cost_usd)
     except ClaudeClusterError as exc:
         gitops.remove_worktree(repo, worktree.path)
         gitops.delete_branch(repo, branch)
-        result.failure_reason = FailureReason.SESSION_ERROR
-        result.error = f"the session could not start: {exc.one_line()}"
+        if isinstance(exc, StartRefusedError):
+            result.status = TaskStatus.SKIPPED
+            result.failure_reason = FailureReason(exc.failure_reason)
+            result.error = exc.message
+        else:
+            result.failure_reason = FailureReason.SESSION_ERROR
+            result.error = f"the session could not start: {exc.one_line()}"
         result.duration_s = round(time.monotonic() - started, 3)
         return result
     result.session_id = outcome.session_id

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -31,10 +32,10 @@ from claudecluster import gitops, remote
 from claudecluster.artifacts import publish_task_artifacts
 from claudecluster.blocks.repository import git_env_from_block
 from claudecluster.blocks.settings import session_env_from_block
-from claudecluster.limits import session_slot
+from claudecluster.limits import run_session, session_slot, sessions_of, start_slot
 from claudecluster.models import FailureReason, TaskResult, TaskSpec, TaskStatus, WorkerSettings
 from claudecluster.redact import redact
-from claudecluster.worker import default_worktree_root, execute_task
+from claudecluster.worker import SlotFactory, default_worktree_root, execute_task
 
 RETRYABLE = (FailureReason.SESSION_ERROR, FailureReason.API_ERROR)
 
@@ -136,8 +137,9 @@ async def run_worker(
             worktree_root=root,
             keep_worktree=keep_worktree,
             log=logger.info,
-            # A local run holds its sessions' slots for the whole run (see dispatch).
-            session_slot=session_slot if take_session_slot else None,
+            # A local run holds its sessions' slots for the whole run (see dispatch); each
+            # session still takes its start under the cluster-wide rate limit.
+            session_slot=_slot_for(run_id, spec.id, take_session_slot),
             env=env,
         )
         if local is not None and result.branch:
@@ -156,6 +158,15 @@ async def run_worker(
         f" ({result.error})" if result.error else "",
     )
     return as_state(result)
+
+
+def _slot_for(run_id: str, task_id: str, take_session_slot: bool) -> SlotFactory:
+    """What a session holds while it runs: a cluster-wide session slot of its own, or (in a
+    local run, which holds its slots for the whole run) a place among the run's sessions."""
+    if take_session_slot:
+        return session_slot
+    sessions = sessions_of(run_id)
+    return partial(run_session, sessions, task_id) if sessions else start_slot
 
 
 def with_retries(settings: WorkerSettings) -> Any:

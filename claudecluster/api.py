@@ -8,7 +8,8 @@ a :class:`~claudecluster.errors.UsageError` and changes nothing.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -31,6 +32,24 @@ _CREDENTIAL_VARS = (
     "CLAUDE_CODE_USE_BEDROCK",
     "CLAUDE_CODE_USE_VERTEX",
 )
+
+
+@contextmanager
+def hosted_here() -> Iterator[None]:
+    """Prefect settings for a flow run that this process hosts (not a worker's).
+
+    Flow-run heartbeats are off unless ``PREFECT_FLOWS_HEARTBEAT_FREQUENCY`` is set: they
+    exist to let an automation mark runs whose infrastructure died as crashed, the host here
+    is the caller's own process, and a sync flow waits up to a second for the heartbeat
+    thread at the end of every run.
+    """
+    if "PREFECT_FLOWS_HEARTBEAT_FREQUENCY" in os.environ:
+        yield
+        return
+    from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
+
+    with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
+        yield
 
 
 def require_credentials() -> None:
@@ -162,23 +181,24 @@ def run_goal(
     check_reachable(worker_deployments(pools_in(checked, pool)), repo_is_url=is_remote(repo))
     from claudecluster.flows.goal import goal_flow
 
-    state = goal_flow(
-        goal=goal_text,
-        repo=str(repo) if is_remote(repo) else str(root),
-        plan=checked,
-        verify=verify,
-        max_parallel=max_parallel or default_parallelism(),
-        max_tasks=max_tasks,
-        settings=settings,
-        base_commit=base_commit,
-        run_id=run_id or new_run_id(),
-        worktree_root=str(worktree_root) if worktree_root else None,
-        pool=pool,
-        settings_block=settings_block,
-        repo_block=repo_block,
-        budget_usd=budget_usd,
-        return_state=True,
-    )
+    with hosted_here():
+        state = goal_flow(
+            goal=goal_text,
+            repo=str(repo) if is_remote(repo) else str(root),
+            plan=checked,
+            verify=verify,
+            max_parallel=max_parallel or default_parallelism(),
+            max_tasks=max_tasks,
+            settings=settings,
+            base_commit=base_commit,
+            run_id=run_id or new_run_id(),
+            worktree_root=str(worktree_root) if worktree_root else None,
+            pool=pool,
+            settings_block=settings_block,
+            repo_block=repo_block,
+            budget_usd=budget_usd,
+            return_state=True,
+        )
     return _report_of(state, server)
 
 
@@ -203,15 +223,16 @@ def run_sweep(
     worker_deployments({pool} if pool else set())
     from claudecluster.flows.sweep import sweep_flow
 
-    state = sweep_flow(
-        sweep=sweep,
-        repo=str(git_repo.working_dir),
-        max_parallel=max_parallel or default_parallelism(),
-        pool=pool,
-        settings=settings,
-        settings_block=settings_block,
-        return_state=True,
-    )
+    with hosted_here():
+        state = sweep_flow(
+            sweep=sweep,
+            repo=str(git_repo.working_dir),
+            max_parallel=max_parallel or default_parallelism(),
+            pool=pool,
+            settings=settings,
+            settings_block=settings_block,
+            return_state=True,
+        )
     return _report_of(state, server)
 
 
@@ -294,5 +315,6 @@ def resume_run(
 
     parameters = dict(runs[0].parameters)
     parameters["run_id"] = run_id
-    state = goal_flow(**parameters, return_state=True)
+    with hosted_here():
+        state = goal_flow(**parameters, return_state=True)
     return _report_of(state, server)

@@ -15,36 +15,28 @@ It guarantees three things the CLI alone does not:
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import signal
+import sys
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
-from claude_agent_sdk import (
-    AssistantMessage,
-    ClaudeAgentOptions,
-    ClaudeSDKError,
-    ResultMessage,
-    SystemMessage,
-    TextBlock,
-    ThinkingBlock,
-    ToolResultBlock,
-    ToolUseBlock,
-    UserMessage,
-    query,
-)
-from claude_agent_sdk._errors import ResultError
 from pydantic import BaseModel, Field
 
 from claudecluster.models import DeniedTool, FailureReason, TokenUsage, WorkerSettings
 from claudecluster.permissions import ToolPermissions
 from claudecluster.redact import redact, redact_obj
+
+if TYPE_CHECKING:
+    from claude_agent_sdk import ResultMessage
 
 MARKER_VAR = "CLAUDECLUSTER_SESSION_MARKER"
 _LOG_SNIPPET = 400
@@ -96,8 +88,31 @@ def _snippet(value: object) -> str:
     return text if len(text) <= _LOG_SNIPPET else text[:_LOG_SNIPPET] + "..."
 
 
+def preload_sdk() -> None:
+    """Start importing claude-agent-sdk on a thread, so the first session need not wait.
+
+    The SDK and the MCP package it loads take about half a second to import; a run that
+    starts this early overlaps it with its own start-up, which mostly waits on the server.
+    """
+    if "claude_agent_sdk" not in sys.modules:
+        threading.Thread(
+            target=importlib.import_module, args=("claude_agent_sdk",), daemon=True
+        ).start()
+
+
 def describe_message(message: object) -> list[str]:
     """Log lines for one SDK message: text, tool calls, tool results, the final result."""
+    from claude_agent_sdk import (
+        AssistantMessage,
+        ResultMessage,
+        SystemMessage,
+        TextBlock,
+        ThinkingBlock,
+        ToolResultBlock,
+        ToolUseBlock,
+        UserMessage,
+    )
+
     lines: list[str] = []
     if isinstance(message, AssistantMessage):
         for block in message.content:
@@ -207,6 +222,16 @@ async def run_session(
     Never raises for a session that ran and failed: limits, API errors and crashes all come
     back as an outcome with ``ok=False`` and a failure reason.
     """
+    from claude_agent_sdk import (
+        AssistantMessage,
+        ClaudeAgentOptions,
+        ClaudeSDKError,
+        ResultMessage,
+        SystemMessage,
+        query,
+    )
+    from claude_agent_sdk._errors import ResultError
+
     emit = log or logging.getLogger("claudecluster.session").info
     marker = uuid.uuid4().hex
     started = time.monotonic()

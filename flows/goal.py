@@ -38,6 +38,7 @@ from claudecluster.plan import (
 )
 from claudecluster.pools import check_reachable, worker_deployments
 from claudecluster.progress import RunProgress
+from claudecluster.session import preload_sdk
 from claudecluster.summary import build_report, planning_failed_report
 from claudecluster.tasks.integrate import integrate_branches
 from claudecluster.tasks.plan import plan_goal
@@ -117,6 +118,7 @@ def goal_flow(
     ``settings_block`` names a ClaudeCodeSettings block, whose values ``settings`` overrides.
     ``budget_usd`` caps the goal's spending: once reached, no further task starts.
     """
+    preload_sdk()  # overlaps with the start-up below, which mostly waits on the server
     logger = get_run_logger()
     started = time.monotonic()
     settings, _ = resolve_settings(settings, settings_block)

@@ -16,6 +16,7 @@ import contextvars
 import functools
 import json
 import os
+import resource
 import sys
 import threading
 import time
@@ -48,11 +49,20 @@ def _wrap_sync(module: Any, name: str, phase: str, task_of: Any = None) -> None:
     setattr(module, name, wrapper)
 
 
-def _wrap_async(module: Any, name: str, phase: str, task_of: Any = None, sets_task: bool = False):
+def _wrap_async(
+    module: Any,
+    name: str,
+    phase: str,
+    task_of: Any = None,
+    sets_task: bool = False,
+    before: Any = None,
+):
     real = getattr(module, name)
 
     @functools.wraps(real)
     async def wrapper(*args: Any, **kwargs: Any) -> Any:
+        if before is not None:
+            before()
         task = task_of(args, kwargs) if task_of else _TASK.get()
         token = _TASK.set(task) if sets_task else None
         t0 = time.time()
@@ -66,12 +76,41 @@ def _wrap_async(module: Any, name: str, phase: str, task_of: Any = None, sets_ta
     setattr(module, name, wrapper)
 
 
+_SDK_TIMERS = threading.Lock()
+_SDK_TIMED = False
+
+
+def _install_sdk_timers() -> None:
+    """Time the CLI's spawn and the initialize handshake, once the product has the SDK.
+
+    Installed at the first session, not at start: the product imports the SDK lazily (in
+    the background while the run starts), and importing it here up front would add its
+    import time to the measured start-up.
+    """
+    global _SDK_TIMED
+    with _SDK_TIMERS:
+        if _SDK_TIMED:
+            return
+        _SDK_TIMED = True
+        from claude_agent_sdk._internal import query as sdk_query
+        from claude_agent_sdk._internal.transport import subprocess_cli
+
+        _wrap_async(subprocess_cli.SubprocessCLITransport, "connect", "sdk_spawn")
+        _wrap_async(sdk_query.Query, "initialize", "sdk_initialize")
+
+
 def install() -> None:
-    from claudecluster import dispatch, gitops
+    # Start-up: finding the server, the flow's first steps, the run's limits.
+    from claudecluster import api, dispatch, gitops, limits
     from claudecluster import worker as core_worker
     from claudecluster.flows import goal as goal_flow_mod
     from claudecluster.tasks import integrate as integrate_task_mod
     from claudecluster.tasks import worker as task_worker
+
+    _wrap_sync(api, "connect", "connect")
+    _wrap_sync(goal_flow_mod, "validate_plan", "flow_body_start")
+    _wrap_sync(limits, "current_limits", "read_limits")
+    _wrap_sync(limits.StartPermits, "__init__", "first_permits")
 
     # Driver side: when a task is submitted to the thread-pool task runner / seen finished.
     _wrap_sync(dispatch, "_start", "submit", lambda a, k: a[0].id)
@@ -83,7 +122,7 @@ def install() -> None:
     _wrap_sync(gitops, "combine_branches", "combine", lambda a, k: k["name"][: -len("-base")])
     _wrap_async(task_worker, "execute_task", "execute", lambda a, k: a[2].id, sets_task=True)
     _wrap_async(task_worker, "publish_task_artifacts", "task_artifacts", lambda a, k: a[0].id)
-    _wrap_async(core_worker, "run_session", "session")
+    _wrap_async(core_worker, "run_session", "session", before=_install_sdk_timers)
     _wrap_sync(core_worker, "run_verify", "verify")
     for name, phase in (
         ("add_worktree", "worktree_add"),
@@ -94,41 +133,37 @@ def install() -> None:
     ):
         _wrap_sync(gitops, name, phase)
 
-    # Split the session slot into its two Prefect acquisitions (imported at call time).
-    import prefect.concurrency.asyncio as pca
+    # Waiting for a session place (and start permit, or the server's slots): the context
+    # managers the worker task holds around a session, timed from entry to the body.
+    for name in ("run_session", "session_slot", "start_slot"):
+        _time_entry(task_worker, name, "slot_wait")
 
-    real_rate, real_conc = pca.rate_limit, pca.concurrency
 
-    async def timed_rate(*a: Any, **k: Any) -> Any:
-        t0 = time.time()
-        try:
-            return await real_rate(*a, **k)
-        finally:
-            _record("rate_limit", _TASK.get(), t0, time.time())
+def _time_entry(module: Any, name: str, phase: str) -> None:
+    real = getattr(module, name)
 
     @asynccontextmanager
-    async def timed_conc(*a: Any, **k: Any):  # type: ignore[no-untyped-def]
+    async def timed(*a: Any, **k: Any):  # type: ignore[no-untyped-def]
         t0 = time.time()
-        async with real_conc(*a, **k):
-            _record("gcl_acquire", _TASK.get(), t0, time.time())
+        async with real(*a, **k):
+            _record(phase, _TASK.get(), t0, time.time())
             yield
 
-    pca.rate_limit, pca.concurrency = timed_rate, timed_conc
-    real_slot = task_worker.session_slot
+    setattr(module, name, timed)
 
-    @asynccontextmanager
-    async def timed_slot():  # type: ignore[no-untyped-def]
-        t0 = time.time()
-        async with real_slot():
-            _record("slot_acquire", _TASK.get(), t0, time.time())
-            yield
 
-    task_worker.session_slot = timed_slot
+def _cpu(who: int) -> float:
+    usage = resource.getrusage(who)
+    return usage.ru_utime + usage.ru_stime
 
 
 def main() -> int:
     timings_path = sys.argv[1]
     argv = sys.argv[2:]
+    # claudecluster.cli.main sets this before Prefect is first imported; install() below
+    # imports Prefect earlier than the CLI would, so set it here the same way.
+    if "--verbose" not in argv:
+        os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "WARNING")
     t_imports = time.time()
     install()
     t_main = time.time()
@@ -145,6 +180,8 @@ def main() -> int:
                     "t_imports": t_imports,
                     "t_main": t_main,
                     "t_end": time.time(),
+                    "cpu_self_s": _cpu(resource.RUSAGE_SELF),
+                    "cpu_children_s": _cpu(resource.RUSAGE_CHILDREN),
                     "spans": _SPANS,
                 },
                 fh,

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -159,6 +160,50 @@ class PeakRss:
         self._thread.join()
 
 
+def children_cpu_s() -> float:
+    """CPU seconds used by this process's waited-for children (and theirs)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def group_cpu_s(pgid: int | None) -> float:
+    """CPU seconds used so far by the live processes of a process group (the Prefect server)."""
+    if pgid is None:
+        return 0.0
+    total = 0
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid:  # fields[2] is pgrp; utime, stime are fields[11:13]
+            total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def server_pid(home: Path) -> int | None:
+    try:
+        return int(json.loads((home / "server.json").read_text())["pid"])
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+class CpuMeter:
+    """CPU seconds of (our children, the Prefect server) between start and stop."""
+
+    def __init__(self, server_pgid: int | None) -> None:
+        self.pgid = server_pgid
+        self.children0, self.server0 = children_cpu_s(), group_cpu_s(server_pgid)
+
+    def stop(self) -> dict[str, float]:
+        return {
+            "children_cpu_s": children_cpu_s() - self.children0,
+            "server_cpu_s": group_cpu_s(self.pgid) - self.server0,
+        }
+
+
 def session_stats(server: ScriptedModelServer) -> dict[str, Any]:
     msgs = [r for r in server.requests if r.path == "/v1/messages"]
     sessions = server.sessions()
@@ -182,7 +227,9 @@ def env_for_model(server: ScriptedModelServer, **extra: str) -> dict[str, str]:
 # ----------------------------------------------------------------------------- the floor
 
 
-def run_floor(case: Case, server: ScriptedModelServer, work: Path) -> dict[str, Any]:
+def run_floor(
+    case: Case, server: ScriptedModelServer, work: Path, prefect_home: Path | None = None
+) -> dict[str, Any]:
     repo = work / "floor-repo"
     base = make_repo(repo)
     trees: dict[str, Path] = {}
@@ -212,6 +259,7 @@ def run_floor(case: Case, server: ScriptedModelServer, work: Path) -> dict[str, 
                 f"{t.id}: rc={proc.returncode} {proc.stdout[-300:]} {proc.stderr[-300:]}"
             )
 
+    cpu = CpuMeter(server_pid(prefect_home) if prefect_home else None)
     t_start = time.time()
     with ThreadPoolExecutor(case.k) as pool:
         for layer in case.layers:  # layer by layer; no merging between layers
@@ -220,6 +268,7 @@ def run_floor(case: Case, server: ScriptedModelServer, work: Path) -> dict[str, 
     stats = session_stats(server)
     return {
         "makespan_s": makespan,
+        "cpu": cpu.stop(),
         "session_mean_s": statistics.mean(durations.values()),
         "session_max_s": max(durations.values()),
         "first_session_after_start_s": (stats["first_request"] or t_start) - t_start,
@@ -263,6 +312,7 @@ def run_cc(
         cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=work
     )
     rss = PeakRss(proc.pid)
+    cpu = CpuMeter(server_pid(home))
     out, err = proc.communicate(timeout=3600)
     makespan = time.time() - t_start
     rss.stop()
@@ -275,6 +325,7 @@ def run_cc(
     tasks = report.get("tasks") or []
     return {
         "makespan_s": makespan,
+        "cpu": cpu.stop(),
         "exit_code": proc.returncode,
         "status": report.get("status"),
         "succeeded": sum(1 for t in tasks if t.get("status") == "succeeded"),
@@ -327,18 +378,18 @@ def breakdown(tim: dict[str, Any], tasks: list[dict[str, Any]], t_start: float) 
                 "worktree": t.get("worktree_add", 0) + t.get("worktree_remove", 0) + t.get("combine", 0),
                 "commit_diff": t.get("commit", 0) + t.get("diff", 0),
                 "verify": t.get("verify", 0),
-                "slot_acquire": t.get("slot_acquire", 0),
-                "slot_rate_limit": t.get("rate_limit", 0),
-                "slot_concurrency": t.get("gcl_acquire", 0),
+                "slot_wait": t.get("slot_wait", 0),
+                "sdk_boot": t.get("sdk_spawn", 0) + t.get("sdk_initialize", 0),
                 "artifacts": t.get("task_artifacts", 0),
             }
         )  # fmt: skip
     mean = {k: statistics.mean(r[k] for r in rows) for k in rows[0]} if rows else {}
     if mean:
-        mean["overhead_total"] = mean["task_wall"] - mean["session"]
+        # Waiting for a session place is queueing (the task was submitted ahead), not overhead.
+        mean["overhead_total"] = mean["task_wall"] - mean["session"] - mean["slot_wait"]
         mean["other_in_task"] = mean["overhead_total"] - sum(
             mean[k] for k in ("prefect_task_run", "worktree", "commit_diff", "verify", "artifacts")
-        )  # includes slot acquisition and logging
+        )  # logging, the worker task's own steps
     n = max(1, len(rows))
     run_level = {
         "startup_to_run_tasks_s": run.get("run_tasks_t0"),
@@ -351,6 +402,7 @@ def breakdown(tim: dict[str, Any], tasks: list[dict[str, Any]], t_start: float) 
         if run.get("run_tasks_t1")
         else None,
         "driver_imports_s": tim.get("t_main", t_start) - t_start if tim.get("t_main") else None,
+        "driver_cpu_s": tim.get("cpu_self_s"),
     }
     return {"per_task_mean_s": mean, "run": run_level, "tasks_timed": len(rows)}
 
@@ -414,36 +466,79 @@ def lower_bound(case: Case, work_s: float) -> float:
     return max(case.depth * work_s, case.n * work_s / case.k)
 
 
+def median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The run whose makespan is the median (the lower middle one for an even count)."""
+    ordered = sorted(runs, key=lambda r: r["makespan_s"])
+    return ordered[(len(ordered) - 1) // 2]
+
+
+def case_entry(
+    case: Case, floors: list[dict[str, Any]], ccs: list[dict[str, Any]]
+) -> dict[str, Any]:
+    """One case's figures: medians over its runs, with every run kept."""
+    f, cc = median_run(floors), median_run(ccs)
+    floor_s = statistics.median(r["makespan_s"] for r in floors)
+    cc_s = statistics.median(r["makespan_s"] for r in ccs)
+    ratios = [c["makespan_s"] / fl["makespan_s"] for fl, c in zip(floors, ccs, strict=True)]
+    bound = lower_bound(case, statistics.median(r["session_mean_s"] for r in floors))
+    return {
+        "case": case.name,
+        "kind": "dag" if case.depth > 1 else "independent",
+        "n": case.n,
+        "k": case.k,
+        "floor_makespan_s": floor_s,
+        "cc_makespan_s": cc_s,
+        "ratio": cc_s / floor_s,
+        "ratios": ratios,
+        "lower_bound_s": bound,
+        "amortized_overhead_per_task_s": (cc_s - floor_s) * case.k / case.n,
+        "floor": f,
+        "cc": cc,
+        "floor_runs": [r["makespan_s"] for r in floors],
+        "cc_runs": [r["makespan_s"] for r in ccs],
+    }
+
+
 def write_outputs(results: dict[str, Any], out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=2))
+    repeat = results.get("repeat", 1)
     lines = [
         f"# ClaudeCluster benchmark ({results['started']}, latency {results['latency_s']} s, "
-        f"{results['cpus']} CPUs)",
+        f"{results['cpus']} CPUs, {repeat} run(s) of each side per case, medians)",
         "",
-        "| case | floor makespan s | CC makespan s | ratio CC/floor | lower bound s | CC/bound "
-        "| floor mean session s | CC ok/merged | per-task overhead s (wall−session) "
-        "| amortized overhead s/task | first session s (CC / floor) | driver peak RSS MB |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| case | floor makespan s | CC makespan s | ratio CC/floor (min–max) | lower bound s "
+        "| CC/bound | floor mean session s | CC ok/merged | per-task overhead s "
+        "| amortized overhead s/task | first session s (CC / floor) | driver peak RSS MB "
+        "| CPU s: floor CLIs / CC driver+CLIs / CC server |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for c in results["cases"]:
         f, cc = c["floor"], c["cc"]
         m = cc["breakdown"]["per_task_mean_s"]
+        spread = f"{min(c['ratios']):.2f}–{max(c['ratios']):.2f}" if len(c["ratios"]) > 1 else ""
         lines.append(
-            f"| {c['case']} | {f['makespan_s']:.2f} | {cc['makespan_s']:.2f} | "
-            f"**{c['ratio']:.2f}** | {c['lower_bound_s']:.2f} | {cc['makespan_s'] / c['lower_bound_s']:.2f} | "
+            f"| {c['case']} | {c['floor_makespan_s']:.2f} | {c['cc_makespan_s']:.2f} | "
+            f"**{c['ratio']:.2f}** {spread} | {c['lower_bound_s']:.2f} | "
+            f"{c['cc_makespan_s'] / c['lower_bound_s']:.2f} | "
             f"{f['session_mean_s']:.2f} | {cc['succeeded']}/{cc['merged_tasks']} of {c['n']} | "
             f"{m.get('overhead_total', float('nan')):.2f} | {c['amortized_overhead_per_task_s']:.2f} | "
             f"{cc['first_session_after_start_s']:.2f} / {f['first_session_after_start_s']:.2f} | "
-            f"{cc['driver_peak_rss_mb']:.0f} |"
+            f"{cc['driver_peak_rss_mb']:.0f} | {f['cpu']['children_cpu_s']:.1f} / "
+            f"{cc['cpu']['children_cpu_s']:.1f} / {cc['cpu']['server_cpu_s']:.1f} |"
         )  # fmt: skip
     lines += [
         "",
-        "## Per-task overhead breakdown (means, seconds)",
+        "## Per-task overhead breakdown (means over the tasks of the median CC run, seconds)",
         "",
-        "| case | task wall | session (SDK+CLI) | floor session | Prefect task run | worktree "
-        "| commit+diff | verify | artifacts | session-limit slot | other | merge/task | run startup | after run_tasks |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "Overhead = task wall − session − waiting for a session place. Tasks are submitted",
+        "ahead of a free place, so that wait is queueing, not cost. The CLI's boot is part of",
+        "the session (it is in the floor's session too).",
+        "",
+        "| case | task wall | waiting for a place | session (SDK+CLI) | of which CLI boot "
+        "| floor session | Prefect task run | worktree | commit+diff | verify | artifacts "
+        "| other | overhead | merge/task | run startup | after run_tasks | driver CPU s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for c in results["cases"]:
         cc, f = c["cc"], c["floor"]
@@ -452,12 +547,13 @@ def write_outputs(results: dict[str, Any], out: Path) -> None:
             continue
         g = lambda v: "–" if v is None else f"{v:.3f}"  # noqa: E731
         lines.append(
-            f"| {c['case']} | {g(m['task_wall'])} | {g(m['session'])} | {g(f['session_mean_s'])} "
+            f"| {c['case']} | {g(m['task_wall'])} | {g(m['slot_wait'])} | {g(m['session'])} "
+            f"| {g(m['sdk_boot'])} | {g(f['session_mean_s'])} "
             f"| {g(m['prefect_task_run'])} | {g(m['worktree'])} | {g(m['commit_diff'])} "
-            f"| {g(m['verify'])} | {g(m['artifacts'])} | {g(m['slot_acquire'])} "
-            f"| {g(m['other_in_task'] - m['slot_acquire'])} "
-            f"| {g(r['merge_per_task_s'])} | {g(r['startup_to_run_tasks_s'])} "
-            f"| {g(r['after_run_tasks_to_exit_s'])} |"
+            f"| {g(m['verify'])} | {g(m['artifacts'])} | {g(m['other_in_task'])} "
+            f"| {g(m['overhead_total'])} | {g(r['merge_per_task_s'])} "
+            f"| {g(r['startup_to_run_tasks_s'])} | {g(r['after_run_tasks_to_exit_s'])} "
+            f"| {g(r.get('driver_cpu_s'))} |"
         )
     fs = results.get("first_session", {})
     if fs:
@@ -527,6 +623,9 @@ def main() -> int:
     p.add_argument("--no-integrate", action="store_true", help="skip the 64-branch integration")
     p.add_argument("--profile", action="store_true", help="py-spy the largest CC case")
     p.add_argument("--keep", action="store_true", help="keep the work directory")
+    p.add_argument(
+        "--repeat", type=int, default=1, help="runs of each side per case (medians reported)"
+    )
     args = p.parse_args()
 
     if args.cases:
@@ -561,44 +660,40 @@ def main() -> int:
         (root / "warmup").mkdir()
         run_cc(warm, server, root / "warmup", warm_home)
 
+        results["repeat"] = args.repeat
+        biggest = max(cases, key=lambda c: c.n * 100 + c.k)
         for i, case in enumerate(cases):
-            work = root / f"case{i}"
-            (work / "f").mkdir(parents=True)
-            (work / "c").mkdir(parents=True)
-            order = ["floor", "cc"] if i % 2 == 0 else ["cc", "floor"]  # alternate
-            res: dict[str, Any] = {}
-            biggest = max(cases, key=lambda c: c.n * 100 + c.k)
-            for which in order:
-                print(f"[{time.strftime('%H:%M:%S')}] {case.name}: {which} ...", flush=True)
-                if which == "floor":
-                    res["floor"] = run_floor(case, server, work / "f")
-                else:
-                    prof = args.out / "profile.svg" if args.profile and case is biggest else None
-                    res["cc"] = run_cc(case, server, work / "c", warm_home, profile=prof)
-            f, cc = res["floor"], res["cc"]
-            bound = lower_bound(case, f["session_mean_s"])
-            entry = {
-                "case": case.name,
-                "kind": "dag" if case.depth > 1 else "independent",
-                "n": case.n,
-                "k": case.k,
-                "order": order,
-                "ratio": cc["makespan_s"] / f["makespan_s"],
-                "lower_bound_s": bound,
-                "amortized_overhead_per_task_s": (cc["makespan_s"] - f["makespan_s"]) * case.k / case.n,
-                **res,
-            }  # fmt: skip
-            results["cases"].append(entry)
-            print(
-                f"    floor {f['makespan_s']:.2f}s  cc {cc['makespan_s']:.2f}s  "
-                f"ratio {entry['ratio']:.2f}  bound {bound:.2f}s  cc status {cc['status']} "
-                f"({cc['succeeded']}/{case.n})  floor failures {len(f['failures'])}",
-                flush=True,
-            )
-            if f["failures"]:
-                print("    floor failure:", f["failures"][0][:400])
-            if cc["exit_code"]:
-                print("    cc stderr:", cc["stderr_tail"][-800:])
+            floors: list[dict[str, Any]] = []
+            ccs: list[dict[str, Any]] = []
+            for rep in range(args.repeat):
+                work = root / f"case{i}-{rep}"
+                (work / "f").mkdir(parents=True)
+                (work / "c").mkdir(parents=True)
+                # Alternate which side goes first, so drift in the machine hits both alike.
+                order = ["floor", "cc"] if (i + rep) % 2 == 0 else ["cc", "floor"]
+                for which in order:
+                    print(f"[{time.strftime('%H:%M:%S')}] {case.name}: {which} ...", flush=True)
+                    if which == "floor":
+                        floors.append(run_floor(case, server, work / "f", warm_home))
+                    else:
+                        profile = case is biggest and rep == 0 and args.profile
+                        prof = args.out / "profile.svg" if profile else None
+                        ccs.append(run_cc(case, server, work / "c", warm_home, profile=prof))
+                f, cc = floors[-1], ccs[-1]
+                print(
+                    f"    floor {f['makespan_s']:.2f}s  cc {cc['makespan_s']:.2f}s  "
+                    f"ratio {cc['makespan_s'] / f['makespan_s']:.2f}  cc status {cc['status']} "
+                    f"({cc['succeeded']}/{case.n})  floor failures {len(f['failures'])}\n"
+                    f"    cpu s: floor CLIs {f['cpu']['children_cpu_s']:.1f} (server "
+                    f"{f['cpu']['server_cpu_s']:.1f}), cc driver+CLIs "
+                    f"{cc['cpu']['children_cpu_s']:.1f} (server {cc['cpu']['server_cpu_s']:.1f})",
+                    flush=True,
+                )
+                if f["failures"]:
+                    print("    floor failure:", f["failures"][0][:400])
+                if cc["exit_code"]:
+                    print("    cc stderr:", cc["stderr_tail"][-800:])
+            results["cases"].append(case_entry(case, floors, ccs))
             write_outputs(results, args.out)
 
         results["first_session"]["warm server, CC N=8 K=4"] = next(

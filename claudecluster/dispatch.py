@@ -17,6 +17,7 @@ critical path. The places, start permits and budget check live in
 
 from __future__ import annotations
 
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -130,9 +131,14 @@ def run_tasks(plan: Plan, run: RunContext, progress: RunProgress) -> dict[str, T
         width = sessions.width if sessions else run.max_parallel
         ahead = width if sessions else 0  # local tasks set up while a place is busy
         runner: ThreadPoolTaskRunner[TaskResult]
-        with ThreadPoolTaskRunner(max_workers=width + ahead) as runner:
+        # The slots are released after the runner has joined its threads (exits run LIFO).
+        with ExitStack() as held, ThreadPoolTaskRunner(max_workers=width + ahead) as runner:
             dispatcher = _Dispatcher(plan, run, progress, runner, sessions, local_ids)
             try:
+                # Before any task starts: taken alongside the tasks' start-up writes, these
+                # server writes met a locked SQLite server (a 503, 2 s of back-off) often.
+                if sessions:
+                    sessions.acquire(held)
                 return dispatcher.run(capacity=width + ahead)
             except BaseException as exc:
                 if sessions:  # tasks waiting for a place must not start now
@@ -163,13 +169,13 @@ class _Dispatcher:
 
     def run(self, capacity: int) -> dict[str, TaskResult]:
         while self.pending or self.running:
-            self._start_ready(capacity)
+            self.start_ready(capacity)
             if not self.running:
                 break  # everything left was skipped
             self._collect_one()
         return self.results
 
-    def _start_ready(self, capacity: int) -> None:
+    def start_ready(self, capacity: int) -> None:
         run, results = self.run_context, self.results
         for spec in list(self.pending):
             if len(self.running) >= capacity:
@@ -181,7 +187,7 @@ class _Dispatcher:
             if failed or (run.budget_usd is not None and spent >= run.budget_usd):
                 self.pending.remove(spec)
                 if self.sessions and spec.id in self.local_ids:
-                    self.sessions.permits.forgo()
+                    self.sessions.forgo()
                 results[spec.id] = (
                     _skipped(spec, run.base_commit, failed)
                     if failed

@@ -28,7 +28,7 @@ from __future__ import annotations
 import contextvars
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator
-from contextlib import asynccontextmanager, contextmanager
+from contextlib import ExitStack, asynccontextmanager, contextmanager
 from dataclasses import dataclass
 
 from claudecluster.errors import ConfigError, StartRefusedError
@@ -303,22 +303,25 @@ class RunSessions:
     their worktrees while sessions run and start the moment a place frees up; work before
     and after a session (worktree, commit, diff, artifacts) is then off the critical path.
 
-    Places go out in the order the dispatcher submitted the tasks (:meth:`queue`), so a run
-    still starts its sessions in plan order whatever order their set-up finishes in.
+    No session starts before :meth:`acquire` has taken the run's slots and first start
+    permits. Places go out in the order the dispatcher submitted the tasks (:meth:`queue`),
+    so sessions start in plan order whatever order their set-up finishes in.
     """
 
     def __init__(
         self,
         width: int,
-        permits: StartPermits,
         *,
+        starts: int,
+        start_burst: int,
         budget_usd: float | None = None,
         spent_usd: float = 0.0,
     ) -> None:
         self.width = width
-        self.permits = permits
+        self.permits: StartPermits | None = None
         self.budget_usd = budget_usd
         self.spent_usd = spent_usd
+        self._starts, self._start_burst, self._forgone = starts, start_burst, 0
         self._active = 0
         self._queue: list[str] = []  # tasks submitted and not yet given a place, in order
         self._refusal: str | None = None
@@ -326,6 +329,26 @@ class RunSessions:
         self._changed = threading.Condition()
         with self._changed:
             self._check_budget()
+
+    def acquire(self, held: ExitStack) -> None:
+        """Take the run's session slots (held until ``held`` closes) and its first start
+        permits; then sessions may start."""
+        held.enter_context(run_slots(self.width))
+        with self._changed:
+            expected = self._starts - self._forgone
+        permits = StartPermits(min(self.width, self._start_burst), expected)
+        held.callback(permits.close)
+        with self._changed:
+            self.permits = permits
+            self._changed.notify_all()
+
+    def forgo(self) -> None:
+        """One expected session will not start after all (its task was skipped)."""
+        with self._changed:
+            if self.permits is None:
+                self._forgone += 1
+            else:
+                self.permits.forgo()
 
     def queue(self, task_id: str) -> None:
         """``task_id`` was submitted: it gets a place after the tasks queued before it."""
@@ -349,7 +372,7 @@ class RunSessions:
             if task_id not in self._queue:
                 self._queue.append(task_id)
             while self._refusal is None and (
-                self._active >= self.width or self._queue[0] != task_id
+                self.permits is None or self._active >= self.width or self._queue[0] != task_id
             ):
                 self._changed.wait()
             self._queue.remove(task_id)
@@ -357,8 +380,10 @@ class RunSessions:
             if self._refusal is not None:
                 raise StartRefusedError(self._refusal, failure_reason=self._refusal_reason)
             self._active += 1
+            permits = self.permits
         try:
-            self.permits.take()
+            assert permits is not None
+            permits.take()
         except BaseException:
             self.leave()
             raise
@@ -414,26 +439,28 @@ def local_sessions(
     budget_usd: float | None = None,
     spent_usd: float = 0.0,
 ) -> Iterator[RunSessions | None]:
-    """The session places and start permits of a local run's ``starts`` sessions.
+    """The session places of a local run's ``starts`` sessions (None when it has none).
 
-    Holds ``width`` slots of the cluster-wide session limit and a reserve of start permits
-    while the block runs; the run's worker tasks in this process find them with
-    :func:`sessions_of`. Yields None when the run has no local session.
+    While the block runs, the run's worker tasks in this process find them with
+    :func:`sessions_of`. The cluster-wide slots and start permits are taken by
+    :meth:`RunSessions.acquire`.
     """
     if starts <= 0:
         yield None
         return
     limits = current_limits()
-    width = min(width, limits.sessions)
-    with run_slots(width):
-        permits = StartPermits(min(width, limits.start_burst), starts)
-        sessions = RunSessions(width, permits, budget_usd=budget_usd, spent_usd=spent_usd)
-        _RUNS[run_id] = sessions
-        try:
-            yield sessions
-        finally:
-            _RUNS.pop(run_id, None)
-            permits.close()
+    sessions = RunSessions(
+        min(width, limits.sessions),
+        starts=starts,
+        start_burst=limits.start_burst,
+        budget_usd=budget_usd,
+        spent_usd=spent_usd,
+    )
+    _RUNS[run_id] = sessions
+    try:
+        yield sessions
+    finally:
+        _RUNS.pop(run_id, None)
 
 
 def sessions_of(run_id: str) -> RunSessions | None:

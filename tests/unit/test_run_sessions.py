@@ -5,9 +5,11 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
+from contextlib import ExitStack, nullcontext
 
 import pytest
 
+from claudecluster import limits
 from claudecluster.errors import StartRefusedError
 from claudecluster.limits import RunSessions, StartPermits
 
@@ -28,9 +30,18 @@ class CountingPermits:
         pass
 
 
+class FakeReserve(CountingPermits):
+    closed = False
+
+    def close(self) -> None:
+        self.closed = True
+
+
 def sessions_with(width: int, **kwargs: float | None) -> tuple[RunSessions, CountingPermits]:
+    """Sessions whose slots and first permits are taken (what ``acquire`` does on a server)."""
     permits = CountingPermits()
-    sessions = RunSessions(width, permits, **kwargs)  # type: ignore[arg-type]
+    sessions = RunSessions(width, starts=10, start_burst=16, **kwargs)  # type: ignore[arg-type]
+    sessions.permits = permits  # type: ignore[assignment]
     return sessions, permits
 
 
@@ -115,9 +126,32 @@ class TestPlaces:
         sessions.enter("a")  # the same task again, not queued by the dispatcher
         assert permits.taken == 2
 
+    def test_no_session_starts_before_the_run_has_its_slots(
+        self, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        taken: list[object] = []
+        monkeypatch.setattr(
+            limits, "run_slots", lambda n: taken.append(("slots", n)) or nullcontext()
+        )
+        monkeypatch.setattr(
+            limits,
+            "StartPermits",
+            lambda reserve, expected: taken.append(("permits", reserve, expected)) or FakeReserve(),
+        )
+        sessions = RunSessions(2, starts=3, start_burst=16)
+        sessions.forgo()  # a task skipped before the slots were taken
+        waiter, errors = in_thread(lambda: sessions.enter("a"))
+        waiter.join(0.3)
+        assert waiter.is_alive(), "a session started before the run took its slots"
+        with ExitStack() as held:
+            sessions.acquire(held)
+            waiter.join(5)
+            assert not waiter.is_alive() and not errors
+        assert taken == [("slots", 2), ("permits", 2, 2)]
+
     def test_a_failed_permit_gives_the_place_back(self) -> None:
-        permits = CountingPermits(fail=RuntimeError("server gone"))
-        sessions = RunSessions(1, permits)  # type: ignore[arg-type]
+        sessions, permits = sessions_with(1)
+        permits.fail = RuntimeError("server gone")
         with pytest.raises(RuntimeError, match="server gone"):
             sessions.enter("a")
         permits.fail = None

@@ -166,14 +166,16 @@ def current_limits() -> Limits:
     from prefect.exceptions import ObjectNotFound
 
     with get_client(sync_client=True) as client:
-        try:
-            sessions = client.read_global_concurrency_limit_by_name(SESSION_LIMIT)
-            starts = client.read_global_concurrency_limit_by_name(START_RATE_LIMIT)
-        except ObjectNotFound as exc:
-            raise ConfigError(
-                f"a ClaudeCluster concurrency limit is missing on the Prefect server: {exc}",
-                hint="Run `claudecluster setup` against this Prefect server.",
-            ) from None
+        found = {}
+        for name in (SESSION_LIMIT, START_RATE_LIMIT):
+            try:
+                found[name] = client.read_global_concurrency_limit_by_name(name)
+            except ObjectNotFound:
+                raise ConfigError(
+                    f"the concurrency limit {name} is missing on the Prefect server",
+                    hint="Run `claudecluster setup` against this Prefect server.",
+                ) from None
+    sessions, starts = found[SESSION_LIMIT], found[START_RATE_LIMIT]
     return Limits(
         sessions=int(sessions.limit),
         start_burst=int(starts.limit),

@@ -237,7 +237,14 @@ def run_sweep(
 
 
 def _report_of(state: Any, server: ServerInfo | None) -> RunReport:
-    """The RunReport a goal or sweep flow run's final state carries, with its UI link."""
+    """The RunReport a goal or sweep flow run's final state carries, with its UI link.
+
+    The run's logs are on the server before this returns: Prefect ships them in batches
+    every two seconds, and the report's link should show the whole run when it is opened.
+    """
+    from prefect.logging.handlers import APILogWorker
+
+    APILogWorker.drain_all(timeout=10)
     report = state.result(raise_on_failure=False)
     if isinstance(report, BaseException):
         raise report

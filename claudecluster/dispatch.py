@@ -37,14 +37,12 @@ from claudecluster.tasks.worker import with_retries
 
 
 def _skipped(spec: TaskSpec, base_commit: str, failed: list[str]) -> TaskResult:
-    return TaskResult(
-        id=spec.id,
-        title=spec.title,
-        kind=spec.kind,
+    return TaskResult.not_done(
+        spec,
+        base_commit,
         status=TaskStatus.SKIPPED,
-        failure_reason=FailureReason.DEPENDENCY_FAILED,
+        reason=FailureReason.DEPENDENCY_FAILED,
         error="skipped: dependency " + ", ".join(failed) + " did not succeed",
-        base_commit=base_commit,
     )
 
 
@@ -261,14 +259,12 @@ def _start(
 
 
 def _over_budget(spec: TaskSpec, run: RunContext, spent: float) -> TaskResult:
-    return TaskResult(
-        id=spec.id,
-        title=spec.title,
-        kind=spec.kind,
+    return TaskResult.not_done(
+        spec,
+        run.base_commit,
         status=TaskStatus.SKIPPED,
-        failure_reason=FailureReason.GOAL_BUDGET,
+        reason=FailureReason.GOAL_BUDGET,
         error=budget_spent(run.budget_usd or 0.0, spent),
-        base_commit=run.base_commit,
     )
 
 
@@ -285,12 +281,6 @@ def _result_of(future: PrefectFuture[TaskResult], spec: TaskSpec, base: str) -> 
                 value = value.model_copy(update={"cached": True})
             return value
         message = f"task run ended without a TaskResult: {value!r}"
-    return TaskResult(
-        id=spec.id,
-        title=spec.title,
-        kind=spec.kind,
-        status=TaskStatus.ERROR,
-        failure_reason=FailureReason.SESSION_ERROR,
-        error=message[:2000],
-        base_commit=base,
+    return TaskResult.not_done(
+        spec, base, status=TaskStatus.ERROR, reason=FailureReason.SESSION_ERROR, error=message
     )

@@ -262,6 +262,27 @@ class TaskResult(_Model):
         "(resume): nothing ran and nothing was paid again.",
     )
 
+    @classmethod
+    def not_done(
+        cls,
+        spec: TaskSpec,
+        base_commit: str,
+        *,
+        status: TaskStatus,
+        reason: FailureReason,
+        error: str,
+    ) -> TaskResult:
+        """The result of a task that never got to its work (skipped, or lost to a crash)."""
+        return cls(
+            id=spec.id,
+            title=spec.title,
+            kind=spec.kind,
+            status=status,
+            failure_reason=reason,
+            error=error[:2000],
+            base_commit=base_commit,
+        )
+
     @property
     def added(self) -> int:
         """Lines added across all files."""

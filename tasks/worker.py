@@ -115,14 +115,12 @@ async def run_worker(
             name=f"{spec.id}-base",
         )
     except gitops.MergeConflictError as conflict:
-        result = TaskResult(
-            id=spec.id,
-            title=spec.title,
-            kind=spec.kind,
+        result = TaskResult.not_done(
+            spec,
+            base_commit,
             status=TaskStatus.ERROR,
-            failure_reason=FailureReason.DEPENDENCY_FAILED,
+            reason=FailureReason.DEPENDENCY_FAILED,
             error=f"the work of its dependencies does not combine: {conflict.message}",
-            base_commit=base_commit,
         )
     else:
         if start != base_commit:
@@ -188,12 +186,10 @@ async def result_of_state(state: State[TaskResult], spec: TaskSpec, base: str) -
     value = await state.aresult(raise_on_failure=False)
     if isinstance(value, TaskResult):
         return value
-    return TaskResult(
-        id=spec.id,
-        title=spec.title,
-        kind=spec.kind,
+    return TaskResult.not_done(
+        spec,
+        base,
         status=TaskStatus.ERROR,
-        failure_reason=FailureReason.SESSION_ERROR,
-        error=f"task run ended {state.name}: {value}"[:2000],
-        base_commit=base,
+        reason=FailureReason.SESSION_ERROR,
+        error=f"task run ended {state.name}: {value}",
     )

@@ -15,6 +15,7 @@ import json
 import os
 import shutil
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -190,6 +191,13 @@ class TestDockerPool:
         stored = [p for p in Path(str(ftp_results["root"])).rglob("*") if p.is_file()]
         assert len(stored) >= 3
 
-        # No container is left behind (the pool auto-removes them).
-        leftovers = _docker("ps", "-aq", "--filter", f"label={CONTAINER_LABEL}").stdout.split()
+        # No container is left behind (the pool auto-removes them). The daemon removes an
+        # exited container on its own time, after the worker has reported the run done.
+        deadline = time.monotonic() + 30
+        while True:
+            ps = _docker("ps", "-aq", "--filter", f"label={CONTAINER_LABEL}")
+            leftovers = ps.stdout.split()
+            if not leftovers or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
         assert leftovers == []

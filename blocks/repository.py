@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import cast
 
 from prefect.blocks.core import Block
 from pydantic import Field, SecretStr
+
+from claudecluster.blocks.loading import load_block
+from claudecluster.errors import UsageError
+from claudecluster.target import Target, open_target
 
 
 class TargetRepository(Block):
@@ -41,14 +46,36 @@ class TargetRepository(Block):
     @property
     def is_remote(self) -> bool:
         """True when ``location`` is a URL rather than a local path."""
-        return "://" in self.location or self.location.startswith("git@")
+        from claudecluster.remote import is_remote
+
+        return is_remote(self.location)
 
 
 def load_target(name: str) -> TargetRepository:
     """Load a TargetRepository block by name (from synchronous code)."""
-    block = TargetRepository.load(name, _sync=True)  # type: ignore[call-arg]
-    assert isinstance(block, TargetRepository)
-    return block
+    return load_block(TargetRepository, name, "repository")
+
+
+def resolve_target(
+    repo: str | None,
+    repo_block: str | None,
+    *,
+    base: str | None,
+    clones_root: Path,
+) -> Target:
+    """The repository a run works on: a path or URL, or the one a block names.
+
+    The block's location and branch win over ``repo`` and supply a default ``base``; its
+    credentials become the git environment that reaches a URL's origin.
+    """
+    git_env: dict[str, str] = {}
+    if repo_block:
+        block = load_target(repo_block)
+        repo, base = block.location, base or block.branch
+        git_env = block.git_env()
+    if not repo:
+        raise UsageError("no repository given", hint="Pass repo (a path or git URL) or repo_block.")
+    return open_target(repo, base=base, git_env=git_env, clones_root=clones_root)
 
 
 async def git_env_from_block(name: str) -> dict[str, str]:

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any, cast
 
 from prefect.blocks.core import Block
 from pydantic import Field, SecretStr
 
+from claudecluster.blocks.loading import load_block
 from claudecluster.models import PermissionPolicy, WorkerSettings
 
 
@@ -83,19 +86,37 @@ class ClaudeCodeSettings(Block):
         return env
 
 
+@dataclass(frozen=True)
+class ResolvedSettings:
+    """A run's settings, resolved once: flags over the block over the defaults."""
+
+    settings: WorkerSettings
+    env: Mapping[str, str] = field(default_factory=dict, repr=False)
+    budget_usd: float | None = None
+
+
 def resolve_settings(
-    settings: WorkerSettings | None, block_name: str | None
-) -> tuple[WorkerSettings, dict[str, str]]:
-    """Settings and session environment: explicit fields over the block over the defaults.
+    settings: WorkerSettings | None,
+    block_name: str | None,
+    *,
+    budget_usd: float | None = None,
+) -> ResolvedSettings:
+    """Settings, session environment and goal budget: explicit values over the block over
+    the defaults.
 
     Only fields set explicitly on ``settings`` (command-line flags, deployment parameters)
-    override the block; its unset fields keep the block's values.
+    override the block; its unset fields keep the block's values. ``env`` holds the block's
+    credentials and endpoint: it goes to sessions, never into parameters or logs.
     """
     if not block_name:
-        return settings or WorkerSettings(), {}
+        return ResolvedSettings(settings or WorkerSettings(), {}, budget_usd)
     block = load_settings_block(block_name)
     explicit = settings.model_dump(exclude_unset=True) if settings else {}
-    return block.worker_settings(**explicit), block.session_env()
+    return ResolvedSettings(
+        block.worker_settings(**explicit),
+        block.session_env(),
+        budget_usd if budget_usd is not None else block.budget_usd,
+    )
 
 
 async def session_env_from_block(block_name: str) -> dict[str, str]:
@@ -106,6 +127,4 @@ async def session_env_from_block(block_name: str) -> dict[str, str]:
 
 def load_settings_block(name: str) -> ClaudeCodeSettings:
     """Load a ClaudeCodeSettings block by name (from synchronous code)."""
-    block = ClaudeCodeSettings.load(name, _sync=True)  # type: ignore[call-arg]
-    assert isinstance(block, ClaudeCodeSettings)
-    return block
+    return load_block(ClaudeCodeSettings, name, "settings")

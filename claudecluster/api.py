@@ -11,27 +11,23 @@ import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
-from claudecluster import gitops, prefect_server
-from claudecluster.errors import ConfigError, UsageError
-from claudecluster.models import RunReport, WorkerSettings
-from claudecluster.plan import Plan, load_plan_file, validate_plan
-from claudecluster.prefect_server import ServerInfo
-from claudecluster.remote import cache_clone, is_remote
-from claudecluster.sweep import SweepSpec
-
-T = TypeVar("T")
-
-MAX_GOAL_CHARS = 20_000
-
-_CREDENTIAL_VARS = (
-    "ANTHROPIC_API_KEY",
-    "ANTHROPIC_AUTH_TOKEN",
-    "CLAUDE_CODE_OAUTH_TOKEN",
-    "CLAUDE_CODE_USE_BEDROCK",
-    "CLAUDE_CODE_USE_VERTEX",
+from claudecluster import prefect_server
+from claudecluster.checks import (
+    check_goal,
+    check_limits,
+    default_parallelism,
+    prepare_plan,
+    require_credentials,
 )
+from claudecluster.errors import UsageError
+from claudecluster.models import RunReport, WorkerSettings
+from claudecluster.plan import Plan, load_plan_file
+from claudecluster.prefect_server import ServerInfo
+from claudecluster.remote import is_remote
+from claudecluster.sweep import SweepSpec
+from claudecluster.target import open_target
 
 
 @contextmanager
@@ -50,49 +46,6 @@ def hosted_here() -> Iterator[None]:
 
     with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
         yield
-
-
-def require_credentials() -> None:
-    """Fail fast when no session could authenticate (each runs with a fresh config dir)."""
-    if not any(os.environ.get(name) for name in _CREDENTIAL_VARS):
-        raise ConfigError(
-            "no Anthropic credentials: ANTHROPIC_API_KEY is not set",
-            hint="Export ANTHROPIC_API_KEY (and ANTHROPIC_BASE_URL for another endpoint), "
-            "or try `claudecluster demo`, which needs no key.",
-        )
-
-
-def check_goal(goal: str) -> str:
-    """The goal, stripped; UsageError when it is empty or absurdly long."""
-    text = goal.strip()
-    if not text:
-        raise UsageError("the goal is empty", hint="Say what the run should achieve.")
-    if len(text) > MAX_GOAL_CHARS:
-        raise UsageError(
-            f"the goal is {len(text)} characters long, more than {MAX_GOAL_CHARS}",
-            hint="State the goal briefly; put detailed instructions in a plan file (--plan).",
-        )
-    return text
-
-
-def default_parallelism() -> int:
-    """Concurrent sessions that suit this machine: about two per core, at least 2, at most 8.
-
-    A session costs ~0.5-1 s of CPU to start and ~200 MB of memory; the rest is waiting on
-    the model.
-    """
-    return max(2, min(8, 2 * (os.cpu_count() or 1)))
-
-
-def prepare_plan(
-    repo: Path, *, plan: Plan | None, plan_file: str | Path | None, max_tasks: int | None
-) -> Plan | None:
-    """Load and validate a given plan against ``repo``; None when the planner should plan."""
-    if plan_file is not None:
-        plan = load_plan_file(plan_file)
-    if plan is None:
-        return None
-    return validate_plan(plan, repo, max_tasks=max_tasks or 1000)
 
 
 def run_goal(
@@ -128,69 +81,39 @@ def run_goal(
 
     Bad input raises a UsageError before anything is started or changed.
     """
-    from claudecluster.worker import new_run_id
+    from claudecluster.workspace import new_run_id
 
-    if budget_usd is not None and budget_usd <= 0:
-        raise UsageError(
-            f"the goal budget must be more than $0, got {budget_usd:g}",
-            hint="Pass --budget-usd with a positive amount.",
-        )
-    if max_parallel is not None and max_parallel < 1:
-        raise UsageError(
-            f"max_parallel must be at least 1, got {max_parallel}",
-            hint="Pass --max-parallel 1 or more.",
-        )
+    check_limits(max_parallel=max_parallel, budget_usd=budget_usd)
     if repo is None and repo_block is None:
         raise UsageError("no repository given", hint="Pass --repo PATH or --repo-block NAME.")
+    # Everything that can be checked here is, before any server starts; the goal flow then
+    # checks what needs the server (blocks, pools) and resolves URLs, with the same code.
+    if plan_file is not None:
+        plan = load_plan_file(plan_file)
     if repo is not None and not is_remote(repo):
-        # Everything that can be checked locally is, before any server starts.
-        local = gitops.open_repo(repo)
-        gitops.resolve_commit(local, base)
-        prepare_plan(Path(local.working_dir), plan=plan, plan_file=plan_file, max_tasks=max_tasks)
-    if goal is not None and plan is None and plan_file is None:
-        check_goal(goal)
+        target = open_target(repo, base=base)
+        repo, base = str(target.root), target.base_commit
+        plan = prepare_plan(target.root, plan=plan, plan_file=None, max_tasks=max_tasks)
+    goal_text = goal if goal and goal.strip() else (plan.goal if plan else None)
+    goal_text = check_goal(goal_text or "")
     if settings_block is None:
         require_credentials()
     server = connect(ephemeral=ephemeral, announce=announce)
-    if repo_block is not None:
-        from claudecluster.blocks.repository import load_target
-
-        target = _load_block(load_target, repo_block, "repository")
-        repo, base = target.location, base or target.branch
-    assert repo is not None
-    git_env = target.git_env() if repo_block is not None else {}
-    if is_remote(repo):
-        from claudecluster.worker import default_worktree_root
-
-        clones = Path(worktree_root or default_worktree_root()) / "clones"
-        git_repo = cache_clone(str(repo), clones, env=git_env)
-    else:
-        git_repo = gitops.open_repo(repo)
-    root = Path(git_repo.working_dir)
-    base_commit = gitops.resolve_commit(git_repo, base)
-    checked = prepare_plan(root, plan=plan, plan_file=plan_file, max_tasks=max_tasks)
-    goal_text = goal if goal and goal.strip() else (checked.goal if checked else None)
-    goal_text = check_goal(goal_text or "")
-    if settings_block is not None:
-        from claudecluster.blocks.settings import resolve_settings
-
-        _load_block(lambda name: resolve_settings(None, name), settings_block, "settings")
-    from claudecluster.plan import pools_in
-    from claudecluster.pools import check_reachable, worker_deployments
-
-    check_reachable(worker_deployments(pools_in(checked, pool)), repo_is_url=is_remote(repo))
+    check_server_side(
+        plan, pool=pool, repo=repo, repo_block=repo_block, settings_block=settings_block
+    )
     from claudecluster.flows.goal import goal_flow
 
     with hosted_here():
         state = goal_flow(
             goal=goal_text,
-            repo=str(repo) if is_remote(repo) else str(root),
-            plan=checked,
+            repo=str(repo) if repo is not None else None,
+            plan=plan,
             verify=verify,
             max_parallel=max_parallel or default_parallelism(),
             max_tasks=max_tasks,
             settings=settings,
-            base_commit=base_commit,
+            base_commit=base,
             run_id=run_id or new_run_id(),
             worktree_root=str(worktree_root) if worktree_root else None,
             pool=pool,
@@ -200,6 +123,26 @@ def run_goal(
             return_state=True,
         )
     return _report_of(state, server)
+
+
+def check_server_side(
+    plan: Plan | None,
+    *,
+    pool: str | None,
+    repo: str | Path | None,
+    repo_block: str | None,
+    settings_block: str | None,
+) -> None:
+    """What needs the server, checked before a flow run exists: the blocks and the pools."""
+    from claudecluster.blocks.repository import load_target
+    from claudecluster.blocks.settings import load_settings_block
+    from claudecluster.plan import pools_in
+    from claudecluster.pools import check_reachable, worker_deployments
+
+    location = load_target(repo_block).location if repo_block else str(repo)
+    if settings_block:
+        load_settings_block(settings_block)
+    check_reachable(worker_deployments(pools_in(plan, pool)), repo_is_url=is_remote(location))
 
 
 def run_sweep(
@@ -214,7 +157,7 @@ def run_sweep(
     announce: Callable[[str], None] | None = None,
 ) -> RunReport:
     """Run a sweep now: select and batch its files, run the tasks, merge, verify, report."""
-    git_repo = gitops.open_repo(repo)
+    target = open_target(repo)
     if settings_block is None:
         require_credentials()
     server = connect(ephemeral=ephemeral, announce=announce)
@@ -226,7 +169,7 @@ def run_sweep(
     with hosted_here():
         state = sweep_flow(
             sweep=sweep,
-            repo=str(git_repo.working_dir),
+            repo=str(target.root),
             max_parallel=max_parallel or default_parallelism(),
             pool=pool,
             settings=settings,
@@ -255,24 +198,13 @@ def _report_of(state: Any, server: ServerInfo | None) -> RunReport:
     return report
 
 
-def _load_block(loader: Callable[[str], T], name: str, what: str) -> T:
-    """Load a block by name; a missing block is bad input, not a crash."""
-    try:
-        return loader(name)
-    except ValueError as exc:
-        raise ConfigError(
-            f"no {what} block named {name!r}: {exc}",
-            hint="Create it in the Prefect UI (Blocks) or with Python; see the README.",
-        ) from None
-
-
 def connect(
     *, ephemeral: bool = False, announce: Callable[[str], None] | None = None
 ) -> ServerInfo | None:
     """Point this process at a Prefect backend; return the server when it has a UI."""
     from prefect.context import FlowRunContext
 
-    from claudecluster.limits import ensure_limits
+    from claudecluster.concurrency import ensure_limits
 
     if FlowRunContext.get() is not None:
         return None  # already inside a flow run (e.g. a deployment): keep its backend

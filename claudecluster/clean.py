@@ -16,17 +16,17 @@ import git
 from pydantic import Field
 
 from claudecluster import gitops
-from claudecluster.models import _Model
+from claudecluster.models import StrictModel
 
 
-class KeptWorktree(_Model):
+class KeptWorktree(StrictModel):
     """A worktree clean left in place."""
 
     path: str = Field(description="The worktree.")
     reason: str = Field(description="Why it was kept.")
 
 
-class CleanReport(_Model):
+class CleanReport(StrictModel):
     """What clean removed and what it kept."""
 
     removed: list[str] = Field(default_factory=list, description="Worktrees removed.")

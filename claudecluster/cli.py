@@ -16,8 +16,11 @@ from typing import Any
 from pydantic import ValidationError
 
 from claudecluster import api
+from claudecluster.checks import check_goal, default_parallelism, require_credentials
 from claudecluster.errors import ClaudeClusterError, UsageError
-from claudecluster.models import RunReport, TaskResult, TaskSpec, WorkerSettings
+from claudecluster.models import RunReport, TaskKind, TaskResult, TaskSpec, WorkerSettings, WorkUnit
+
+KINDS = [kind.value for kind in TaskKind]
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -85,29 +88,31 @@ def settings_from_args(args: argparse.Namespace) -> WorkerSettings:
 def _cmd_task(args: argparse.Namespace) -> int:
     import anyio
 
-    from claudecluster import gitops
-    from claudecluster.worker import new_run_id
+    from claudecluster.target import open_target
+    from claudecluster.workspace import new_run_id
 
     if not args.prompt.strip():
         raise UsageError("the prompt is empty", hint="Pass --prompt with the task to do.")
-    repo = gitops.open_repo(args.repo)
-    base = gitops.resolve_commit(repo, args.base)
-    api.require_credentials()
-    settings = settings_from_args(args)
-    spec = TaskSpec(
-        id=args.id,
-        title=args.title or args.prompt.strip().splitlines()[0][:72],
-        prompt=args.prompt,
-        kind=args.kind,
+    target = open_target(args.repo, base=args.base)
+    require_credentials()
+    unit = WorkUnit(
+        run_id=new_run_id(),
+        spec=TaskSpec(
+            id=args.id,
+            title=args.title or args.prompt.strip().splitlines()[0][:72],
+            prompt=args.prompt,
+            kind=args.kind,
+        ),
+        repo=str(target.root),
+        base_commit=target.base_commit,
+        verify=args.verify,
+        settings=settings_from_args(args),
     )
-    run_id = new_run_id()
     api.connect(ephemeral=args.ephemeral, announce=_announce)
     from claudecluster.flows.single_task import single_task_flow
 
     async def _run() -> TaskResult:
-        return await single_task_flow(
-            str(Path(repo.working_dir)), base, spec, settings, run_id, verify=args.verify
-        )
+        return await single_task_flow(unit)
 
     result = anyio.run(_run)
     if args.json:
@@ -174,27 +179,33 @@ def _cmd_run(args: argparse.Namespace) -> int:
 def _cmd_plan(args: argparse.Namespace) -> int:
     import anyio
 
-    from claudecluster import gitops
+    from claudecluster.checks import DEFAULT_MAX_TASKS
     from claudecluster.plan import dump_plan
     from claudecluster.planner import run_planner
-    from claudecluster.worker import default_worktree_root
+    from claudecluster.session import SessionHost
+    from claudecluster.target import open_target
+    from claudecluster.workspace import default_worktree_root
 
-    goal = api.check_goal(_read_goal(args) or "")
-    repo = gitops.open_repo(args.repo)
-    base = gitops.resolve_commit(repo, args.base)
-    api.require_credentials()
+    goal = check_goal(_read_goal(args) or "")
+    target = open_target(args.repo, base=args.base)
+    require_credentials()
     settings = settings_from_args(args)
+    host = (
+        SessionHost(log=lambda line: print(line, file=sys.stderr))
+        if args.verbose
+        else SessionHost()
+    )
 
     async def _plan() -> str:
         plan, outcome = await run_planner(
             goal,
-            str(repo.working_dir),
-            base,
+            target.root,
+            target.base_commit,
             settings,
-            max_tasks=args.max_tasks or 12,
+            max_tasks=args.max_tasks or DEFAULT_MAX_TASKS,
             verify=args.verify,
             worktree_root=default_worktree_root() / "planning",
-            log=(lambda line: print(line, file=sys.stderr)) if args.verbose else None,
+            host=host,
         )
         print(
             f"planned {len(plan.tasks)} tasks in {outcome.turns} turns, ${outcome.cost_usd:.4f}",
@@ -290,7 +301,7 @@ def _cmd_resume(args: argparse.Namespace) -> int:
 
 def _cmd_clean(args: argparse.Namespace) -> int:
     from claudecluster.clean import clean
-    from claudecluster.worker import default_worktree_root
+    from claudecluster.workspace import default_worktree_root
 
     root = Path(args.root) if args.root else default_worktree_root()
     report = clean(root, dry_run=args.dry_run)
@@ -371,9 +382,7 @@ def build_parser() -> argparse.ArgumentParser:
     task.add_argument("--base", help="commit to start from (default: HEAD)")
     task.add_argument("--id", default="task", help="task id, used in the branch name")
     task.add_argument("--title", help="one-line title for the commit (default: the prompt)")
-    task.add_argument(
-        "--kind", default="other", choices=["scaffold", "refactor", "test", "docs", "other"]
-    )
+    task.add_argument("--kind", default=TaskKind.OTHER.value, choices=KINDS)
     task.add_argument("--json", action="store_true", help="print the TaskResult as JSON only")
     task.add_argument("--verbose", action="store_true", help="show Prefect's logs too")
     add_session_options(task)
@@ -397,7 +406,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--max-parallel",
         type=_positive_int,
-        help=f"concurrent sessions (default {api.default_parallelism()} on this machine)",
+        help=f"concurrent sessions (default {default_parallelism()} on this machine)",
     )
     run.add_argument("--max-tasks", type=_positive_int, help="most tasks the planner may plan")
     run.add_argument(
@@ -452,9 +461,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sweep.add_argument("--batch-size", type=_positive_int, default=5, help="files per task")
     sweep.add_argument("--max-files", type=_positive_int, default=50, help="most files per run")
-    sweep.add_argument(
-        "--kind", default="refactor", choices=["scaffold", "refactor", "test", "docs", "other"]
-    )
+    sweep.add_argument("--kind", default=TaskKind.REFACTOR.value, choices=KINDS)
     sweep.add_argument("--verify", help="command that checks the work")
     sweep.add_argument("--max-parallel", type=_positive_int, help="concurrent sessions")
     sweep.add_argument("--pool", help="work pool for the tasks (default: local)")

@@ -1,39 +1,57 @@
 """Running a plan's tasks: each on its pool, as soon as it can start, within the limits.
 
 Scheduling uses Prefect's machinery: local tasks are submitted to a ``ThreadPoolTaskRunner``
-whose width is ``max_parallel`` and receive their dependencies' futures (which draws the
-graph's edges in the UI and hands them their branches); tasks on other pools are started with
-``run_deployment`` and awaited as ``PrefectFlowRunFuture``s. The loop reacts to completions
-with ``as_completed``. A task is submitted only once it can start (its dependencies are done
-and no running task holds a lease on overlapping paths), because a submitted task waiting on
-upstream futures would occupy a thread while it waits.
+whose width is ``max_parallel``, waiting for their dependencies' futures (which draws the
+graph's edges in the UI); tasks on other pools are started with ``run_deployment`` and
+awaited as ``PrefectFlowRunFuture``s. Either way a task travels as one
+:class:`~claudecluster.models.WorkUnit`, built by :meth:`RunContext.unit_for`. The loop
+reacts to completions with ``as_completed``. A task is submitted only once it can start (its
+dependencies are done and no running task holds a lease on overlapping paths), because a
+submitted task waiting on upstream futures would occupy a thread while it waits.
 
 Local tasks are submitted up to ``max_parallel`` ahead of a free session place: they create
 their worktrees while the sessions run and start the moment one ends, so the work around a
 session (worktree, commit, diff, artifacts, Prefect's task-run bookkeeping) is off the
-critical path. The places, start permits and budget check live in
-:class:`claudecluster.limits.RunSessions`.
+critical path. The places, start permits and budget check live in the run's
+:class:`claudecluster.places.RunSessions`, which each local task is handed (in its
+:class:`~claudecluster.session.SessionHost`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from contextlib import ExitStack
 from dataclasses import dataclass, field
-from typing import Any
+from functools import partial
 
 from prefect import get_run_logger
 from prefect.client.schemas.objects import FlowRun
 from prefect.deployments import run_deployment
 from prefect.futures import PrefectFlowRunFuture, PrefectFuture, as_completed
 from prefect.task_runners import ThreadPoolTaskRunner
-from pydantic import BaseModel
 
-from claudecluster.limits import RunSessions, budget_spent, local_sessions
-from claudecluster.models import FailureReason, TaskResult, TaskSpec, TaskStatus, WorkerSettings
-from claudecluster.plan import Plan, ancestors, paths_overlap, topological_order
-from claudecluster.pools import LOCAL_POOL, PoolTarget, pool_for
+from claudecluster.models import (
+    Dependency,
+    FailureReason,
+    TaskResult,
+    TaskSpec,
+    TaskStatus,
+    WorkerSettings,
+    WorkUnit,
+)
+from claudecluster.places import RunSessions, budget_spent, open_run_sessions, session_place
+from claudecluster.plan import (
+    LOCAL_POOL,
+    Plan,
+    ancestors,
+    paths_overlap,
+    pool_for,
+    topological_order,
+)
+from claudecluster.pools import PoolTarget
 from claudecluster.progress import RunProgress
-from claudecluster.tasks.worker import with_retries
+from claudecluster.session import SessionHost, SessionRunner
+from claudecluster.tasks.worker import worker_task
 
 
 def _skipped(spec: TaskSpec, base_commit: str, failed: list[str]) -> TaskResult:
@@ -59,26 +77,14 @@ def _holds_lease(plan: Plan, candidate: TaskSpec, running: list[str]) -> str | N
     return None
 
 
-def dispatch_to_pool(
-    deployment: str, parameters: dict[str, Any], run_id: str
-) -> PrefectFlowRunFuture[TaskResult]:
+def dispatch_to_pool(deployment: str, unit: WorkUnit) -> PrefectFlowRunFuture[TaskResult]:
     """Start a task as a flow run of a pool's worker deployment; returns at once."""
-    json_parameters = {
-        key: (
-            value.model_dump(mode="json")
-            if isinstance(value, BaseModel)
-            else [v.model_dump(mode="json") for v in value]
-            if isinstance(value, list)
-            else value
-        )
-        for key, value in parameters.items()
-    }
     flow_run = run_deployment(
         deployment,
-        parameters=json_parameters,
+        parameters={"unit": unit.model_dump(mode="json")},
         timeout=0,
         as_subflow=True,
-        tags=["claudecluster", f"claudecluster-run:{run_id}"],
+        tags=["claudecluster", f"claudecluster-run:{unit.run_id}"],
     )
     assert isinstance(flow_run, FlowRun)  # a sync flow gets the sync variant
     return PrefectFlowRunFuture(flow_run_id=flow_run.id)
@@ -88,10 +94,10 @@ def dispatch_to_pool(
 class RunContext:
     """Everything the dispatcher needs to know about one run besides its plan."""
 
+    run_id: str
     repo: str
     base_commit: str
     settings: WorkerSettings
-    run_id: str
     max_parallel: int
     worktree_root: str
     pool: str | None = None
@@ -100,6 +106,29 @@ class RunContext:
     targets: dict[str, PoolTarget] = field(default_factory=dict)
     repo_url: str | None = None
     budget_usd: float | None = None
+    session_env: Mapping[str, str] = field(default_factory=dict, repr=False)
+    runner: SessionRunner | None = None
+
+    def unit_for(
+        self, spec: TaskSpec, plan: Plan, results: dict[str, TaskResult], *, shares_disk: bool
+    ) -> WorkUnit:
+        """The unit of work of ``spec``, for a worker that does or does not share our disk.
+
+        A worker without our disk gets the repository's URL (or the run's served copy)
+        and its own machine's worktree folder.
+        """
+        return WorkUnit(
+            run_id=self.run_id,
+            spec=spec,
+            repo=self.repo if shares_disk else str(self.repo_url),
+            base_commit=self.base_commit,
+            verify=plan.verify,
+            dependencies=[Dependency.of(results[dep]) for dep in spec.depends_on],
+            settings=self.settings,
+            settings_block=self.settings_block,
+            repo_block=self.repo_block,
+            worktree_root=self.worktree_root if shares_disk else None,
+        )
 
 
 def run_tasks(plan: Plan, run: RunContext, progress: RunProgress) -> dict[str, TaskResult]:
@@ -112,36 +141,32 @@ def run_tasks(plan: Plan, run: RunContext, progress: RunProgress) -> dict[str, T
 
     At most ``run.max_parallel`` sessions run at once. Local tasks are submitted up to that
     many again ahead of a free place: they set up their worktrees while the sessions run
-    and start the moment one ends (see :class:`claudecluster.limits.RunSessions`).
+    and start the moment one ends (see :class:`claudecluster.places.RunSessions`).
     """
     local_ids = {
         t.id
         for t in plan.tasks
         if pool_for(t, run_pool=run.pool, plan_pool=plan.pool) == LOCAL_POOL
     }
-    with local_sessions(
-        run.run_id,
-        run.max_parallel,
-        len(local_ids),
-        budget_usd=run.budget_usd,
-        spent_usd=progress.cost_usd,
-    ) as sessions:
-        width = sessions.width if sessions else run.max_parallel
-        ahead = width if sessions else 0  # local tasks set up while a place is busy
-        runner: ThreadPoolTaskRunner[TaskResult]
-        # The slots are released after the runner has joined its threads (exits run LIFO).
-        with ExitStack() as held, ThreadPoolTaskRunner(max_workers=width + ahead) as runner:
-            dispatcher = _Dispatcher(plan, run, progress, runner, sessions, local_ids)
-            try:
-                # Before any task starts: taken alongside the tasks' start-up writes, these
-                # server writes met a locked SQLite server (a 503, 2 s of back-off) often.
-                if sessions:
-                    sessions.acquire(held)
-                return dispatcher.run(capacity=width + ahead)
-            except BaseException as exc:
-                if sessions:  # tasks waiting for a place must not start now
-                    sessions.stop(f"not started: the run stopped ({type(exc).__name__})")
-                raise
+    sessions = open_run_sessions(
+        run.max_parallel, len(local_ids), budget_usd=run.budget_usd, spent_usd=progress.cost_usd
+    )
+    width = sessions.width if sessions else run.max_parallel
+    ahead = width if sessions else 0  # local tasks set up while a place is busy
+    runner: ThreadPoolTaskRunner[TaskResult]
+    # The slots are released after the runner has joined its threads (exits run LIFO).
+    with ExitStack() as held, ThreadPoolTaskRunner(max_workers=width + ahead) as runner:
+        dispatcher = _Dispatcher(plan, run, progress, runner, sessions, local_ids)
+        try:
+            # Before any task starts: taken alongside the tasks' start-up writes, these
+            # server writes met a locked SQLite server (a 503, 2 s of back-off) often.
+            if sessions:
+                sessions.acquire(held)
+            return dispatcher.run(capacity=width + ahead)
+        except BaseException as exc:
+            if sessions:  # tasks waiting for a place must not start now
+                sessions.stop(f"not started: the run stopped ({type(exc).__name__})")
+            raise
 
 
 class _Dispatcher:
@@ -204,9 +229,32 @@ class _Dispatcher:
             self.pending.remove(spec)
             if self.sessions and spec.id in self.local_ids:
                 self.sessions.queue(spec.id)
-            self.futures[spec.id] = _start(spec, self.plan, run, self.runner, self.futures, results)
+            self.futures[spec.id] = self._start(spec)
             self.running.append(spec.id)
             self.progress.started(spec.id)
+
+    def _start(self, spec: TaskSpec) -> PrefectFuture[TaskResult]:
+        """Start one task: a task run here, or a flow run on its pool."""
+        run, plan = self.run_context, self.plan
+        task_pool = pool_for(spec, run_pool=run.pool, plan_pool=plan.pool)
+        if task_pool == LOCAL_POOL:
+            assert self.sessions is not None
+            host = SessionHost(
+                runner=run.runner,
+                slot=partial(session_place, self.sessions, spec.id),
+                env=run.session_env,
+            )
+            unit = run.unit_for(spec, plan, self.results, shares_disk=True)
+            return self.runner.submit(
+                worker_task(run.settings),
+                {"unit": unit, "host": host},
+                # Waiting on the dependencies' futures draws the graph's edges.
+                wait_for=[self.futures[dep] for dep in spec.depends_on],
+            )
+        target = run.targets[task_pool]
+        unit = run.unit_for(spec, plan, self.results, shares_disk=target.shares_disk)
+        self.logger.info("%s dispatched to pool %s", spec.id, task_pool)
+        return dispatch_to_pool(target.deployment, unit)
 
     def _collect_one(self) -> None:
         futures = self.futures
@@ -222,40 +270,6 @@ class _Dispatcher:
             self.sessions.spend(result.cost_usd)
             self.sessions.leave()
         self.progress.finished(result)
-
-
-def _start(
-    spec: TaskSpec,
-    plan: Plan,
-    run: RunContext,
-    runner: ThreadPoolTaskRunner[TaskResult],
-    futures: dict[str, PrefectFuture[TaskResult]],
-    results: dict[str, TaskResult],
-) -> PrefectFuture[TaskResult]:
-    """Start one task: a task run here, or a flow run on its pool."""
-    parameters: dict[str, Any] = {
-        "repo": run.repo,
-        "base_commit": run.base_commit,
-        "spec": spec,
-        "settings": run.settings,
-        "run_id": run.run_id,
-        "verify": spec.verify or plan.verify,
-        "settings_block": run.settings_block,
-        "repo_block": run.repo_block,
-    }
-    task_pool = pool_for(spec, run_pool=run.pool, plan_pool=plan.pool)
-    if task_pool == LOCAL_POOL:
-        # Passing the futures (not their results) draws the graph's edges.
-        parameters["dependencies"] = [futures[d] for d in spec.depends_on]
-        parameters["worktree_root"] = run.worktree_root
-        parameters["take_session_slot"] = False
-        return runner.submit(with_retries(run.settings), parameters)
-    target = run.targets[task_pool]
-    if not target.shares_disk:
-        parameters["repo"] = run.repo_url
-    parameters["dependencies"] = [results[d] for d in spec.depends_on]
-    get_run_logger().info("%s dispatched to pool %s", spec.id, task_pool)
-    return dispatch_to_pool(target.deployment, parameters, run.run_id)
 
 
 def _over_budget(spec: TaskSpec, run: RunContext, spent: float) -> TaskResult:

@@ -10,6 +10,7 @@ message and pick an exit code without string matching::
     │   ├── PlanError                 a plan (file or planner output) is invalid
     │   ├── PathEscapeError           a path points outside the repository
     │   └── ConfigError               settings, keys or pools are missing or contradictory
+    │       └── UnknownPoolError      a work pool does not exist or has no worker deployment
     ├── GitError                      a git operation we rely on failed
     ├── SessionError                  a Claude Code session could not run at all
     │   └── StartRefusedError         the run stopped starting sessions (its budget is spent)
@@ -36,6 +37,20 @@ class ClaudeClusterError(Exception):
         """The message and the hint on one line, as the CLI prints it."""
         text = self.message.rstrip(".")
         return f"{text}. {self.hint}" if self.hint else f"{text}."
+
+    def __reduce__(self) -> tuple[object, ...]:
+        # Keyword-only fields would be lost by Exception's default pickling (args only),
+        # and errors travel between processes in Prefect's persisted states.
+        return (_restore, (type(self), self.message, dict(self.__dict__)))
+
+
+def _restore(
+    cls: type[ClaudeClusterError], message: str, state: dict[str, object]
+) -> ClaudeClusterError:
+    error = cls.__new__(cls)
+    Exception.__init__(error, message)
+    error.__dict__.update(state)
+    return error
 
 
 class UsageError(ClaudeClusterError):
@@ -70,6 +85,14 @@ class PathEscapeError(PlanError):
 
 class ConfigError(UsageError):
     """Settings, credentials or pools are missing or contradictory."""
+
+
+class UnknownPoolError(ConfigError):
+    """A task names a work pool that does not exist or has no worker deployment."""
+
+    def __init__(self, message: str, *, pool: str, hint: str | None = None) -> None:
+        super().__init__(message, hint=hint)
+        self.pool = pool
 
 
 class GitError(ClaudeClusterError):

@@ -335,7 +335,7 @@ def merge_branch(worktree: git.Repo, branch: str, message: str, *, no_ff: bool =
         if conflicted:
             raise MergeConflictError(branch, conflicted) from exc
         raise
-    return str(worktree.head.commit.hexsha)
+    return head_commit(worktree)
 
 
 @contextmanager
@@ -347,12 +347,35 @@ def scratch_worktree(repo: git.Repo, root: Path, name: str, commit: str) -> Iter
         if path.exists():
             _remove_worktree(repo, path)
         _git(repo, "worktree", "add", "--quiet", "--detach", str(path), commit)
-    scratch = git.Repo(path)
-    try:
+    with _opened_until_removed(repo, path) as scratch:
         yield scratch
+
+
+@contextmanager
+def branch_worktree(repo: git.Repo, path: Path, branch: str, commit: str) -> Iterator[git.Repo]:
+    """``branch`` created at ``commit`` in a worktree at ``path``, removed afterwards.
+
+    The branch is kept; only the worktree goes.
+    """
+    add_worktree(repo, path, branch, commit)
+    with _opened_until_removed(repo, path) as worktree:
+        yield worktree
+
+
+@contextmanager
+def _opened_until_removed(repo: git.Repo, path: Path) -> Iterator[git.Repo]:
+    # Closed first: GitPython keeps helper git processes running in the worktree.
+    worktree = git.Repo(path)
+    try:
+        yield worktree
     finally:
-        scratch.close()
+        worktree.close()
         remove_worktree(repo, path)
+
+
+def head_commit(worktree: git.Repo) -> str:
+    """The sha of a worktree's HEAD."""
+    return str(worktree.head.commit.hexsha)
 
 
 def combine_branches(
@@ -419,10 +442,10 @@ def finish_merge(worktree: git.Repo, message: str) -> str:
     with _litter_excludes(git_dir) as exclude:
         _git(worktree, "-c", f"core.excludesFile={exclude}", "add", "--all", ".")
     _git(worktree, *_identity("commit", "--quiet", "--no-verify", "-m", message))
-    return str(worktree.head.commit.hexsha)
+    return head_commit(worktree)
 
 
 def fast_forward(worktree: git.Repo, commit: str) -> str:
     """Move the worktree's branch forward to ``commit`` (which must descend from it)."""
     _git(worktree, "merge", "--quiet", "--ff-only", commit)
-    return str(worktree.head.commit.hexsha)
+    return head_commit(worktree)

@@ -1,14 +1,16 @@
-"""The data ClaudeCluster passes around: task specs, worker settings, results and reports.
+"""The data ClaudeCluster passes around: task specs, units of work, results and reports.
 
 These models are the public contract between the CLI, the Prefect flows and tasks, and
 anything that reads a ``--json`` report. Every field is described, so the JSON schema
 (``TaskResult.model_json_schema()``) documents itself.
+
+:class:`WorkUnit` is the one model a task travels in, from the dispatcher through the
+Prefect task (or the worker flow on a pool) to the worker: a new per-task field is added
+there and nowhere else.
 """
 
 from __future__ import annotations
 
-import re
-from datetime import timedelta
 from enum import StrEnum
 from typing import Annotated, Literal
 
@@ -17,25 +19,41 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 TASK_ID_PATTERN = r"^[a-z0-9][a-z0-9-]{0,62}$"
 """Task ids double as branch and artifact-key parts, so they follow Prefect's artifact rule."""
 
-TaskKind = Literal["scaffold", "refactor", "test", "docs", "other"]
 PermissionPolicy = Literal["safe", "read-only", "container"]
 
 
-class _Model(BaseModel):
+class StrictModel(BaseModel):
+    """Base of ClaudeCluster's models: unknown fields are an error, not silently dropped."""
+
     model_config = ConfigDict(extra="forbid", frozen=False)
 
 
-class TaskSpec(_Model):
+class TaskKind(StrEnum):
+    """What sort of work a task is (the seed's task kinds, plus ``other``)."""
+
+    SCAFFOLD = "scaffold"
+    REFACTOR = "refactor"
+    TEST = "test"
+    DOCS = "docs"
+    OTHER = "other"
+
+
+class TaskSpec(StrictModel):
     """One well-scoped unit of work, run as one unattended Claude Code session."""
 
     id: Annotated[str, Field(pattern=TASK_ID_PATTERN)] = Field(
         description="Unique id within the plan: lowercase letters, digits and dashes."
     )
     kind: TaskKind = Field(
-        default="other", description="What sort of work this is: scaffold, refactor, test, docs."
+        default=TaskKind.OTHER,
+        description="What sort of work this is: scaffold, refactor, test, docs or other.",
     )
     title: str = Field(min_length=1, description="A one-line title, used in commits and reports.")
-    prompt: str = Field(min_length=1, description="The instructions given to Claude Code.")
+    prompt: str = Field(
+        min_length=1,
+        description="The instructions given to Claude Code: self-contained, since the session "
+        "sees nothing else.",
+    )
     paths: list[str] = Field(
         default_factory=list,
         description="Repo-relative paths (files, folders or globs) the task expects to touch. "
@@ -54,11 +72,11 @@ class TaskSpec(_Model):
 
     @field_validator("depends_on")
     @classmethod
-    def _no_self_dependency(cls, value: list[str]) -> list[str]:
+    def _unique_dependencies(cls, value: list[str]) -> list[str]:
         return list(dict.fromkeys(value))
 
 
-class WorkerSettings(_Model):
+class WorkerSettings(StrictModel):
     """How a Claude Code session is run: model, permissions and the limits that stop it."""
 
     model: str | None = Field(
@@ -110,11 +128,6 @@ class WorkerSettings(_Model):
         description="Claude Code settings files to load; empty means none (no user hooks leak in).",
     )
 
-    @property
-    def timeout(self) -> timedelta:
-        """The session's wall-clock limit as a timedelta."""
-        return timedelta(seconds=self.timeout_s)
-
 
 class TaskStatus(StrEnum):
     """How a task ended."""
@@ -147,7 +160,7 @@ class FailureReason(StrEnum):
     GIT_ERROR = "git_error"
 
 
-class FileChange(_Model):
+class FileChange(StrictModel):
     """One file changed by a task, with line counts."""
 
     path: str = Field(description="Repo-relative path of the file after the change.")
@@ -158,7 +171,7 @@ class FileChange(_Model):
     )
 
 
-class TestReport(_Model):
+class TestReport(StrictModel):
     """The outcome of a verify command."""
 
     __test__ = False  # not a pytest test class
@@ -178,7 +191,7 @@ class TestReport(_Model):
         return self.exit_code == 0 and not self.timed_out
 
 
-class TokenUsage(_Model):
+class TokenUsage(StrictModel):
     """Tokens a session used, as reported by Claude Code."""
 
     input_tokens: int = Field(default=0, description="Uncached input tokens.")
@@ -206,7 +219,7 @@ class TokenUsage(_Model):
         )
 
 
-class DeniedTool(_Model):
+class DeniedTool(StrictModel):
     """A tool call the permission policy refused."""
 
     tool_name: str = Field(description="The tool Claude tried to use.")
@@ -215,12 +228,12 @@ class DeniedTool(_Model):
     )
 
 
-class TaskResult(_Model):
+class TaskResult(StrictModel):
     """Everything a worker produced for one task."""
 
     id: str = Field(description="The task id.")
     title: str = Field(default="", description="The task title.")
-    kind: TaskKind = Field(default="other", description="The task kind.")
+    kind: TaskKind = Field(default=TaskKind.OTHER, description="The task kind.")
     status: TaskStatus = Field(description="How the task ended.")
     failure_reason: FailureReason | None = Field(
         default=None, description="Machine-readable reason when status is not succeeded."
@@ -294,12 +307,7 @@ class TaskResult(_Model):
         return sum(f.removed for f in self.files)
 
 
-def is_valid_task_id(value: str) -> bool:
-    """True when ``value`` may be used as a task id."""
-    return re.fullmatch(TASK_ID_PATTERN, value) is not None
-
-
-class UnmergedTask(_Model):
+class UnmergedTask(StrictModel):
     """A task whose branch was kept but not merged into the integration branch."""
 
     id: str = Field(description="The task id.")
@@ -310,7 +318,7 @@ class UnmergedTask(_Model):
     )
 
 
-class RunTotals(_Model):
+class RunTotals(StrictModel):
     """Totals over every task of a run."""
 
     cost_usd: float = Field(default=0.0, description="Cost of every session, planner included.")
@@ -333,7 +341,7 @@ class RunStatus(StrEnum):
     FAILED = "failed"
 
 
-class RunReport(_Model):
+class RunReport(StrictModel):
     """The outcome of one goal: what was planned, done, merged and verified."""
 
     run_id: str = Field(description="The run id; branches are named after it.")
@@ -365,3 +373,71 @@ class RunReport(_Model):
     flow_run_id: str | None = Field(default=None, description="The Prefect flow run id.")
     ui_url: str | None = Field(default=None, description="Link to the run in the Prefect UI.")
     error: str | None = Field(default=None, description="Why the run failed as a whole, if so.")
+
+
+class Dependency(StrictModel):
+    """A finished task another task builds on: where its work is."""
+
+    id: str = Field(description="The dependency's task id.")
+    branch: str | None = Field(
+        default=None, description="Its task branch; None when it changed nothing."
+    )
+    head_commit: str | None = Field(default=None, description="Its branch's head commit.")
+
+    @classmethod
+    def of(cls, result: TaskResult) -> Dependency:
+        """The dependency a finished task's result describes."""
+        return cls(id=result.id, branch=result.branch, head_commit=result.head_commit)
+
+
+class WorkUnit(StrictModel):
+    """One task to run, with everything its worker needs.
+
+    The dispatcher builds it; it travels as the one parameter of the worker task (local
+    runs) or of the worker flow (work pools) to :func:`claudecluster.worker.execute_task`.
+    Secrets never travel in it: blocks are named, and loaded where the session runs.
+    """
+
+    run_id: str = Field(description="The run the task belongs to; branches are named after it.")
+    spec: TaskSpec = Field(description="The task.")
+    repo: str = Field(
+        description="The repository: a path on the worker's machine, or a git URL to clone "
+        "(the task branch is then pushed back)."
+    )
+    base_commit: str = Field(description="The commit the run started from.")
+    verify: str | None = Field(
+        default=None,
+        description="The run's verify command; the task's own (spec.verify) wins over it.",
+    )
+    dependencies: list[Dependency] = Field(
+        default_factory=list,
+        description="Finished tasks this one depends on; it starts from the base commit plus "
+        "their work.",
+    )
+    settings: WorkerSettings = Field(
+        default_factory=WorkerSettings, description="How the session runs and what stops it."
+    )
+    settings_block: str | None = Field(
+        default=None,
+        description="ClaudeCodeSettings block whose credentials the session gets (loaded by "
+        "the worker, so they never travel).",
+    )
+    repo_block: str | None = Field(
+        default=None,
+        description="TargetRepository block with git credentials for a repository URL.",
+    )
+    worktree_root: str | None = Field(
+        default=None,
+        description="Where worktrees go on the worker's machine; None means "
+        "<claudecluster home>/worktrees.",
+    )
+
+    @property
+    def verify_command(self) -> str | None:
+        """The command that checks this task's work: its own, else the run's."""
+        return self.spec.verify or self.verify
+
+    @property
+    def dependency_branches(self) -> list[str]:
+        """Branches holding the dependencies' work (those that changed something)."""
+        return [dep.branch for dep in self.dependencies if dep.branch]

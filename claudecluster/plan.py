@@ -29,13 +29,15 @@ import yaml
 from pydantic import Field, ValidationError
 
 from claudecluster.errors import PathEscapeError, PlanError
-from claudecluster.models import TaskSpec, _Model
+from claudecluster.models import StrictModel, TaskSpec
 
 RESERVED_TASK_IDS = frozenset({"integration"})
+LOCAL_POOL = "local"
+"""The in-process pool: tasks run as task runs of the goal's own flow run."""
 MAX_PLAN_FILE_BYTES = 1_000_000
 
 
-class Plan(_Model):
+class Plan(StrictModel):
     """A goal broken into a graph of tasks."""
 
     goal: str | None = Field(default=None, description="The goal the plan serves.")
@@ -264,10 +266,13 @@ def _under(child: str, parent: str) -> bool:
     return child == literal_parent or child.startswith(literal_parent + "/")
 
 
+def pool_for(spec: TaskSpec, *, run_pool: str | None, plan_pool: str | None) -> str:
+    """The pool ``spec`` runs on: its own, else the run's, else the plan's, else local."""
+    return spec.pool or run_pool or plan_pool or LOCAL_POOL
+
+
 def pools_in(plan: Plan | None, run_pool: str | None) -> set[str]:
     """Every pool a run will dispatch to (the run's default, when the plan is not known yet)."""
-    from claudecluster.pools import LOCAL_POOL, pool_for
-
     if plan is None:
         return {run_pool or LOCAL_POOL}
     return {pool_for(task, run_pool=run_pool, plan_pool=plan.pool) for task in plan.tasks}

@@ -2,8 +2,9 @@
 
 It explores the repository at the base commit (in a scratch worktree, so nothing uncommitted
 of the user's is read) with Read, Grep and Glob only, and must answer through structured
-output constrained by :data:`PLAN_SCHEMA`. No structured output, or a plan that does not
-validate, is a :class:`~claudecluster.errors.PlannerError`, never an empty success.
+output constrained by :data:`PLAN_SCHEMA` (derived from the Plan and TaskSpec models). No
+structured output, or a plan that does not validate, is a
+:class:`~claudecluster.errors.PlannerError`, never an empty success.
 """
 
 from __future__ import annotations
@@ -15,44 +16,74 @@ from typing import Any
 
 from claudecluster import gitops
 from claudecluster.errors import PlanError, PlannerError
-from claudecluster.models import TASK_ID_PATTERN, WorkerSettings
+from claudecluster.models import TaskKind, TaskSpec, WorkerSettings
 from claudecluster.permissions import permissions_for
 from claudecluster.plan import Plan, parse_plan, validate_plan
-from claudecluster.session import Logger, SessionOutcome, run_session
-from claudecluster.worker import SlotFactory, no_slot
+from claudecluster.session import SessionHost, SessionOutcome, SessionRequest
 
-PLAN_SCHEMA: dict[str, Any] = {
-    "type": "object",
-    "properties": {
-        "verify": {
-            "type": "string",
-            "description": "Shell command that checks the work, e.g. 'python -m pytest -q'; "
-            "empty if the repository has no tests.",
-        },
-        "tasks": {
-            "type": "array",
-            "minItems": 1,
-            "items": {
-                "type": "object",
-                "properties": {
-                    "id": {"type": "string", "pattern": TASK_ID_PATTERN},
-                    "kind": {
-                        "type": "string",
-                        "enum": ["scaffold", "refactor", "test", "docs", "other"],
-                    },
-                    "title": {"type": "string"},
-                    "prompt": {"type": "string"},
-                    "paths": {"type": "array", "items": {"type": "string"}},
-                    "depends_on": {"type": "array", "items": {"type": "string"}},
+# What the planner answers: the plan-file fields a planner decides. Pools and per-task
+# verify commands are the user's call, so they are left out of its schema.
+PLANNED_TASK_FIELDS = ("id", "kind", "title", "prompt", "paths", "depends_on")
+
+
+def planner_schema() -> dict[str, Any]:
+    """The StructuredOutput schema of a planner answer, derived from Plan and TaskSpec.
+
+    Self-contained (no ``$ref``), every property required and nothing else allowed, so
+    the model fills in every field the scheduler relies on.
+    """
+    task = _inline_refs(TaskSpec.model_json_schema())
+    task_properties = {
+        name: {k: v for k, v in task["properties"][name].items() if k not in ("title", "default")}
+        for name in PLANNED_TASK_FIELDS
+    }
+    plan = Plan.model_json_schema()["properties"]
+    verify = {
+        "type": "string",
+        "description": plan["verify"]["description"] + " Empty when the repository has no tests.",
+    }
+    return {
+        "type": "object",
+        "properties": {
+            "verify": verify,
+            "tasks": {
+                "type": "array",
+                "minItems": 1,
+                "description": plan["tasks"]["description"],
+                "items": {
+                    "type": "object",
+                    "properties": task_properties,
+                    "required": list(PLANNED_TASK_FIELDS),
+                    "additionalProperties": False,
                 },
-                "required": ["id", "kind", "title", "prompt", "paths", "depends_on"],
-                "additionalProperties": False,
             },
         },
-    },
-    "required": ["tasks"],
-    "additionalProperties": False,
-}
+        "required": ["tasks"],
+        "additionalProperties": False,
+    }
+
+
+def _inline_refs(schema: dict[str, Any]) -> dict[str, Any]:
+    """``schema`` with its ``$defs`` references replaced by the definitions themselves."""
+    definitions = schema.pop("$defs", {})
+
+    def inline(node: Any) -> Any:
+        if isinstance(node, dict):
+            if "$ref" in node:
+                name = node["$ref"].rsplit("/", 1)[-1]
+                return inline(
+                    {**definitions[name], **{k: v for k, v in node.items() if k != "$ref"}}
+                )
+            return {key: inline(value) for key, value in node.items()}
+        if isinstance(node, list):
+            return [inline(item) for item in node]
+        return node
+
+    resolved: dict[str, Any] = inline(schema)
+    return resolved
+
+
+PLAN_SCHEMA: dict[str, Any] = planner_schema()
 
 PLANNER_INSTRUCTIONS = """\
 You are the ClaudeCluster planner. You do not change anything: explore the repository with
@@ -70,9 +101,11 @@ What makes a good task:
   to the repository root.
 - Self-contained prompt: the worker sees only its own prompt, so say exactly what to change,
   where, and how to check it.
-- Ids are short, lowercase, with dashes (e.g. `keys-docstring`); kinds are scaffold,
-  refactor, test, docs or other.
-Set `verify` to the command that runs the project's tests, if it has any."""
+- Ids are short, lowercase, with dashes (e.g. `keys-docstring`); kinds are
+  {kinds}.
+Set `verify` to the command that runs the project's tests, if it has any.""".format(
+    kinds=", ".join(kind.value for kind in TaskKind)
+)
 
 
 def planner_prompt(goal: str, max_tasks: int) -> str:
@@ -93,26 +126,23 @@ async def run_planner(
     max_tasks: int,
     verify: str | None,
     worktree_root: Path,
-    log: Logger | None = None,
-    session_slot: SlotFactory | None = None,
-    env: dict[str, str] | None = None,
+    host: SessionHost | None = None,
 ) -> tuple[Plan, SessionOutcome]:
     """Plan ``goal`` on the repository at ``base_commit``; return the plan and the session."""
+    host = host or SessionHost()
     repo = gitops.open_repo(repo_path)
-    planner_settings = settings.model_copy(update={"permission_policy": "read-only"})
     name = f"plan-{uuid.uuid4().hex[:8]}"
     with gitops.scratch_worktree(repo, worktree_root, name, base_commit) as scratch:
-        async with (session_slot or no_slot)():
-            outcome = await run_session(
-                planner_prompt(goal, max_tasks),
+        outcome = await host.run(
+            SessionRequest(
+                prompt=planner_prompt(goal, max_tasks),
                 cwd=Path(scratch.working_dir),
-                settings=planner_settings,
+                settings=settings.model_copy(update={"permission_policy": "read-only"}),
                 permissions=permissions_for("read-only"),
                 system_prompt_append=PLANNER_INSTRUCTIONS,
                 output_format={"type": "json_schema", "schema": PLAN_SCHEMA},
-                env=env,
-                log=log,
             )
+        )
     if not outcome.ok:
         raise PlannerError(
             f"the planner produced no plan: {outcome.error or outcome.failure_reason}",
@@ -135,6 +165,5 @@ async def run_planner(
             cost_usd=outcome.cost_usd,
             turns=outcome.turns,
         ) from None
-    if log:
-        log("plan: " + json.dumps([task.id for task in plan.tasks]))
+    host.log("plan: " + json.dumps([task.id for task in plan.tasks]))
     return plan, outcome

@@ -11,24 +11,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from claudecluster.errors import ConfigError, UsageError
-from claudecluster.models import TaskSpec
+from claudecluster.errors import ConfigError, UnknownPoolError, UsageError
+from claudecluster.plan import LOCAL_POOL
 
-LOCAL_POOL = "local"
 WORKER_FLOW_NAME = "claudecluster-worker"
-
-
-def pool_for(spec: TaskSpec, *, run_pool: str | None, plan_pool: str | None) -> str:
-    """The pool ``spec`` runs on: its own, else the run's, else the plan's, else local."""
-    return spec.pool or run_pool or plan_pool or LOCAL_POOL
-
-
-class UnknownPoolError(UsageError):
-    """A task names a work pool that does not exist or has no worker deployment."""
-
-    def __init__(self, message: str, *, pool: str, hint: str | None = None) -> None:
-        super().__init__(message, hint=hint)
-        self.pool = pool
 
 
 @dataclass(frozen=True)

@@ -61,10 +61,10 @@ from uuid import UUID
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from claudecluster.errors import ConfigError, ServerError
+from claudecluster.workspace import claudecluster_home, home_path
 
 __all__ = [
     "ServerInfo",
-    "claudecluster_home",
     "ensure_server",
     "flow_run_url",
     "server_status",
@@ -74,7 +74,6 @@ __all__ = [
     "using_server",
 ]
 
-HOME_ENV = "CLAUDECLUSTER_HOME"
 STATE_FILE_NAME = "server.json"
 LOCK_FILE_NAME = "server.lock"
 LOG_FILE_NAME = "server.log"
@@ -138,37 +137,6 @@ class _ServerState(BaseModel):
 
 
 # --------------------------------------------------------------------------- homes & files
-
-
-def claudecluster_home() -> Path:
-    """``$CLAUDECLUSTER_HOME`` or ``~/.claudecluster``, created (mode 0700) if missing."""
-    return _prepare_home(None)
-
-
-def _home_path(home: Path | None) -> Path:
-    if home is None:
-        raw = os.environ.get(HOME_ENV, "").strip()
-        home = Path(raw) if raw else Path.home() / ".claudecluster"
-    # The server runs with the home as its cwd, so a relative path must not depend on ours.
-    return home.expanduser().absolute()
-
-
-def _prepare_home(home: Path | None) -> Path:
-    path = _home_path(home)
-    try:
-        # 0o700: the database holds every flow's parameters and logs.
-        path.mkdir(parents=True, exist_ok=True, mode=0o700)
-    except FileExistsError as exc:
-        raise ConfigError(
-            f"ClaudeCluster home {path} exists but is not a directory",
-            hint=f"Point {HOME_ENV} at a directory.",
-        ) from exc
-    except OSError as exc:
-        raise ConfigError(
-            f"Cannot create the ClaudeCluster home {path}: {exc.strerror or exc}",
-            hint=f"Set {HOME_ENV} to a writable directory.",
-        ) from exc
-    return path
 
 
 def _read_state(home: Path) -> _ServerState | None:
@@ -437,7 +405,7 @@ def _external_server(api_url: str, home: Path | None) -> ServerInfo:
         api_url=api_url,
         ui_url=_ui_url_for(api_url, os.environ),
         pid=None,
-        home=_home_path(home),
+        home=home_path(home),
         started_now=False,
         managed=False,
         log_file=None,
@@ -620,7 +588,7 @@ def ensure_server(home: Path | None = None, *, startup_timeout_s: float = 90) ->
     if external := os.environ.get("PREFECT_API_URL", "").strip():
         return _external_server(external, home)
 
-    home = _prepare_home(home)
+    home = claudecluster_home(home)
     state = _read_state(home)
     if (
         state is not None
@@ -651,7 +619,7 @@ def server_status(home: Path | None = None) -> ServerInfo | None:
     Reports only the server ClaudeCluster manages in ``home``, whatever ``PREFECT_API_URL``
     says, and changes nothing.
     """
-    home = _home_path(home)
+    home = home_path(home)
     state = _read_state(home)
     if state is None or not _pid_alive(state.pid):
         return None
@@ -666,7 +634,7 @@ def stop_server(home: Path | None = None) -> bool:
     Sends SIGTERM to its process group, then SIGKILL if it has not exited after a grace
     period. The database under ``home/prefect`` is kept for the next start.
     """
-    home = _home_path(home)
+    home = home_path(home)
     if not (home / STATE_FILE_NAME).exists():
         return False
     with _locked(home, 60):

@@ -24,7 +24,7 @@ from uuid import UUID
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from pydantic import Field
 
-from claudecluster.models import TaskResult, _Model
+from claudecluster.models import StrictModel, TaskResult
 
 EventKind = Literal["planning", "planned", "started", "finished", "integrating", "done"]
 Listener = Callable[["ProgressEvent"], None]
@@ -34,7 +34,7 @@ _lock = threading.Lock()
 _log = logging.getLogger("claudecluster.progress")
 
 
-class ProgressEvent(_Model):
+class ProgressEvent(StrictModel):
     """A snapshot of a run's progress, sent to listeners on every change."""
 
     run_id: str = Field(description="The run.")

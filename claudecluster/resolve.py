@@ -16,11 +16,10 @@ from pathlib import Path
 from pydantic import Field
 
 from claudecluster.gitops import files_with_markers
-from claudecluster.models import TaskSpec, WorkerSettings, _Model
+from claudecluster.models import StrictModel, TaskSpec, WorkerSettings
 from claudecluster.permissions import permissions_for
-from claudecluster.session import Logger, run_session
+from claudecluster.session import SessionHost, SessionRequest
 from claudecluster.verify import run_verify
-from claudecluster.worker import SlotFactory, no_slot
 
 RESOLVER_INSTRUCTIONS = """\
 You are the ClaudeCluster merge resolver, an unattended Claude Code session. The current
@@ -30,7 +29,7 @@ intent of BOTH sides, remove every conflict marker, and change nothing else. Do 
 commands that commit, abort or reset the merge: ClaudeCluster commits it when you finish."""
 
 
-class Resolution(_Model):
+class Resolution(StrictModel):
     """How a resolution session went."""
 
     ok: bool = Field(description="True when the conflict is resolved and verified.")
@@ -67,14 +66,12 @@ async def resolve_conflict(
     verify: str | None,
     *,
     settings: WorkerSettings,
-    log: Logger | None = None,
-    session_slot: SlotFactory | None = None,
-    env: dict[str, str] | None = None,
+    host: SessionHost | None = None,
 ) -> Resolution:
     """Run a resolution session in ``worktree`` and check its work."""
-    async with (session_slot or no_slot)():
-        outcome = await run_session(
-            resolution_prompt(task, others, files),
+    outcome = await (host or SessionHost()).run(
+        SessionRequest(
+            prompt=resolution_prompt(task, others, files),
             cwd=worktree,
             settings=settings,
             permissions=permissions_for(
@@ -84,9 +81,8 @@ async def resolve_conflict(
                 extra_disallowed=settings.disallowed_tools,
             ),
             system_prompt_append=RESOLVER_INSTRUCTIONS,
-            env=env,
-            log=log,
         )
+    )
     if not outcome.ok:
         return Resolution(
             ok=False,

@@ -1,4 +1,10 @@
-"""One unattended Claude Code session, run through claude-agent-sdk.
+"""One unattended Claude Code session: the seam every session goes through.
+
+The worker, the planner and the conflict resolver describe the session they want as a
+:class:`SessionRequest` and run it through a :class:`SessionHost`: the host holds what a
+session holds while it runs (a session slot, a place among the run's sessions), adds the
+credentials, and hands the request to its :class:`SessionRunner`. Tests replace the runner
+with a fake one; everything else runs the real CLI through :func:`run_session`.
 
 :func:`run_session` starts the bundled Claude Code CLI with the SDK's ``query()``, streams
 every message it produces to a logger as it happens, and returns a :class:`SessionOutcome`.
@@ -15,6 +21,7 @@ It guarantees three things the CLI alone does not:
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import logging
 import os
@@ -24,9 +31,11 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable, Mapping
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import anyio
 from pydantic import BaseModel, Field
@@ -42,6 +51,45 @@ MARKER_VAR = "CLAUDECLUSTER_SESSION_MARKER"
 _LOG_SNIPPET = 400
 
 Logger = Callable[[str], None]
+
+
+class CostSink(Protocol):
+    """Told what a session cost as soon as it ends (a run's budget counts it at once)."""
+
+    def spend(self, usd: float) -> None: ...
+
+
+SlotFactory = Callable[[], AbstractAsyncContextManager[CostSink | None]]
+"""What a session holds while it runs; what it yields (if anything) is told the cost."""
+
+
+@asynccontextmanager
+async def no_slot() -> AsyncIterator[None]:
+    """A session slot that limits nothing (for use outside Prefect)."""
+    yield
+
+
+@dataclass(frozen=True)
+class SessionRequest:
+    """One session to run: what to ask, where, with which tools, and what stops it."""
+
+    prompt: str
+    cwd: Path
+    settings: WorkerSettings
+    permissions: ToolPermissions
+    system_prompt_append: str | None = None
+    output_format: dict[str, Any] | None = None
+    env: Mapping[str, str] = field(default_factory=dict, repr=False)
+
+
+class SessionRunner(Protocol):
+    """Runs one session to its end; a session that ran and failed is an outcome, not an error."""
+
+    async def __call__(self, request: SessionRequest, log: Logger) -> SessionOutcome: ...
+
+
+def _log_to_module_logger(line: str) -> None:
+    logging.getLogger("claudecluster.session").info(line)
 
 
 class SessionOutcome(BaseModel):
@@ -207,32 +255,27 @@ def _outcome_from_result(message: ResultMessage) -> SessionOutcome:
 
 
 async def run_session(
-    prompt: str,
-    *,
-    cwd: Path,
-    settings: WorkerSettings,
-    permissions: ToolPermissions,
-    system_prompt_append: str | None = None,
-    output_format: dict[str, Any] | None = None,
-    env: dict[str, str] | None = None,
-    log: Logger | None = None,
+    request: SessionRequest, log: Logger = _log_to_module_logger
 ) -> SessionOutcome:
-    """Run one Claude Code session in ``cwd`` and report how it went.
+    """Run one Claude Code session in ``request.cwd`` and report how it went.
 
-    Never raises for a session that ran and failed: limits, API errors and crashes all come
-    back as an outcome with ``ok=False`` and a failure reason.
+    The real :class:`SessionRunner`. Never raises for a session that ran and failed:
+    limits, API errors and crashes all come back as an outcome with ``ok=False`` and a
+    failure reason.
     """
     from claude_agent_sdk import (
         AssistantMessage,
         ClaudeAgentOptions,
         ClaudeSDKError,
+        ResultError,
         ResultMessage,
         SystemMessage,
         query,
     )
-    from claude_agent_sdk._errors import ResultError
 
-    emit = log or logging.getLogger("claudecluster.session").info
+    emit = log
+    settings, permissions = request.settings, request.permissions
+    output_format = request.output_format
     marker = uuid.uuid4().hex
     started = time.monotonic()
     outcome: SessionOutcome | None = None
@@ -240,7 +283,7 @@ async def run_session(
     retries = fallbacks = 0
     with tempfile.TemporaryDirectory(prefix="claudecluster-config-") as config_dir:
         options = ClaudeAgentOptions(
-            cwd=str(cwd),
+            cwd=str(request.cwd),
             tools=permissions.tools,
             allowed_tools=permissions.allowed,
             disallowed_tools=[*permissions.disallowed],
@@ -251,17 +294,17 @@ async def run_session(
             fallback_model=settings.fallback_model,
             setting_sources=list(settings.setting_sources),
             system_prompt=(
-                {"type": "preset", "preset": "claude_code", "append": system_prompt_append}
-                if system_prompt_append
+                {"type": "preset", "preset": "claude_code", "append": request.system_prompt_append}
+                if request.system_prompt_append
                 else {"type": "preset", "preset": "claude_code"}
             ),
             output_format=output_format,
-            env=session_env(Path(config_dir), marker, env),
+            env=session_env(Path(config_dir), marker, dict(request.env)),
             stderr=lambda line: emit(f"cli stderr: {_snippet(line)}"),
         )
         try:
             with anyio.fail_after(settings.timeout_s):
-                async for message in query(prompt=prompt, options=options):
+                async for message in query(prompt=request.prompt, options=options):
                     for line in describe_message(message):
                         emit(line)
                     if isinstance(message, AssistantMessage):
@@ -352,3 +395,37 @@ def kill_marked_processes(marker: str) -> int:
                 pass
         time.sleep(0.05)
     return killed
+
+
+@dataclass(frozen=True)
+class SessionHost:
+    """How this process runs a session: with which runner, holding what, with which
+    credentials, logging where.
+
+    ``slot`` is held around the session (the cluster-wide session limit, or a place among
+    a local run's sessions) and told its cost before it is let go; ``env`` (credentials,
+    endpoint) is added to every request's environment and never logged.
+    """
+
+    runner: SessionRunner | None = None  # None: the real Claude Code CLI (run_session)
+    slot: SlotFactory = no_slot
+    env: Mapping[str, str] = field(default_factory=dict, repr=False)
+    log: Logger = _log_to_module_logger
+
+    def with_log(self, log: Logger) -> SessionHost:
+        """This host, logging to ``log``."""
+        return dataclasses.replace(self, log=log)
+
+    async def run(self, request: SessionRequest) -> SessionOutcome:
+        """Run ``request`` holding the slot; the slot hears the cost before it is freed.
+
+        Errors taking the slot (the run stopped starting sessions, a missing limit) are
+        raised before any session starts.
+        """
+        if self.env:
+            request = dataclasses.replace(request, env={**self.env, **request.env})
+        async with self.slot() as place:
+            outcome = await (self.runner or run_session)(request, self.log)
+            if place is not None:
+                place.spend(outcome.cost_usd)
+        return outcome

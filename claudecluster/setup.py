@@ -16,8 +16,8 @@ from typing import Any
 
 from pydantic import Field
 
-from claudecluster.limits import SESSION_LIMIT, ensure_limits
-from claudecluster.models import _Model
+from claudecluster.concurrency import SESSION_LIMIT, ensure_limits
+from claudecluster.models import StrictModel
 
 PROCESS_POOL = "claudecluster-process"
 DOCKER_POOL = "claudecluster-docker"
@@ -31,7 +31,7 @@ POOLS: dict[str, tuple[str, str]] = {
 }
 
 
-class SetupReport(_Model):
+class SetupReport(StrictModel):
     """What setup created or updated."""
 
     pools: dict[str, str] = Field(description="Pool name -> 'created' or 'updated'.")

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import time
 
-from prefect.context import FlowRunContext
-
 from claudecluster.errors import PlannerError
 from claudecluster.integrate import IntegrationOutcome
 from claudecluster.models import (
@@ -19,11 +17,6 @@ from claudecluster.models import (
 from claudecluster.plan import Plan
 
 
-def _flow_run_id() -> str | None:
-    context = FlowRunContext.get()
-    return str(context.flow_run.id) if context and context.flow_run else None
-
-
 def build_report(
     *,
     run_id: str,
@@ -35,6 +28,7 @@ def build_report(
     integration: IntegrationOutcome,
     planner: TaskResult | None,
     started: float,
+    flow_run_id: str | None = None,
 ) -> RunReport:
     """The RunReport of a finished run."""
     ordered = [results[task.id] for task in plan.tasks if task.id in results]
@@ -85,13 +79,19 @@ def build_report(
         resolved=integration.resolved,
         planner=planner,
         totals=totals,
-        flow_run_id=_flow_run_id(),
+        flow_run_id=flow_run_id,
         error="; ".join(problems) or None,
     )
 
 
 def planning_failed_report(
-    run_id: str, goal: str, repo: str, base: str, exc: PlannerError, started: float
+    run_id: str,
+    goal: str,
+    repo: str,
+    base: str,
+    exc: PlannerError,
+    started: float,
+    flow_run_id: str | None = None,
 ) -> RunReport:
     """The report of a run whose planner produced no usable plan (with the planner's cost)."""
     return RunReport(
@@ -105,6 +105,6 @@ def planning_failed_report(
             turns=exc.turns,
             duration_s=round(time.monotonic() - started, 3),
         ),
-        flow_run_id=_flow_run_id(),
+        flow_run_id=flow_run_id,
         error=exc.one_line(),
     )

@@ -4,9 +4,8 @@ A sweep picks files by glob at the base commit, or only the files changed since 
 successful sweep of the same name, caps how many it takes, batches them (N files per task)
 and makes one task per batch. The plan then runs like any goal: integration, verify, report.
 
-The last successful sweep's base commit is kept in a Prefect Variable
-(``claudecluster-sweep-<name>``), per repository, so "changed since last sweep" works across
-machines that share the Prefect server.
+Where the last successful sweep of a name started is kept on the Prefect server
+(:mod:`claudecluster.sweep_state`); this module only needs that commit.
 """
 
 from __future__ import annotations
@@ -18,15 +17,14 @@ import re
 import git
 from pydantic import Field
 
-from claudecluster import gitops
 from claudecluster.errors import UsageError
-from claudecluster.models import TaskKind, TaskSpec, _Model
+from claudecluster.models import StrictModel, TaskKind, TaskSpec
 from claudecluster.plan import Plan
 
 FILES_PLACEHOLDER = "{files}"
 
 
-class SweepSpec(_Model):
+class SweepSpec(StrictModel):
     """What a sweep does to which files."""
 
     name: str = Field(min_length=1, description="Name of the sweep; its state is kept by name.")
@@ -44,7 +42,7 @@ class SweepSpec(_Model):
     )
     batch_size: int = Field(default=5, ge=1, description="Files per task.")
     max_files: int = Field(default=50, ge=1, description="Most files one sweep run takes.")
-    kind: TaskKind = Field(default="refactor", description="Kind of the sweep's tasks.")
+    kind: TaskKind = Field(default=TaskKind.REFACTOR, description="Kind of the sweep's tasks.")
     verify: str | None = Field(default=None, description="Verify command for the plan.")
 
 
@@ -113,30 +111,3 @@ def sweep_plan(spec: SweepSpec, files: list[str]) -> Plan:
             )
         )
     return Plan(goal=f"Sweep {spec.name}", verify=spec.verify, tasks=tasks)
-
-
-def last_swept_commit(name: str, repo: git.Repo) -> str | None:
-    """The base commit of the last successful sweep ``name`` of this repository."""
-    from prefect.variables import Variable
-
-    value = Variable.get(state_variable(name), default=None)
-    if not isinstance(value, dict):
-        return None
-    commit = value.get(repo_key(repo))
-    if not isinstance(commit, str):
-        return None
-    try:
-        return gitops.resolve_commit(repo, commit)
-    except UsageError:
-        return None  # that commit is gone (e.g. history rewritten): sweep everything again
-
-
-def record_sweep(name: str, repo: git.Repo, base: str) -> None:
-    """Remember ``base`` as the last successful sweep ``name`` of this repository."""
-    from prefect.variables import Variable
-
-    variable = state_variable(name)
-    value = Variable.get(variable, default=None)
-    data = dict(value) if isinstance(value, dict) else {}
-    data[repo_key(repo)] = base
-    Variable.set(variable, data, overwrite=True)

@@ -1,36 +1,31 @@
-"""The worker: one TaskSpec, one worktree, one Claude Code session, one commit, one verify.
+"""The worker: one WorkUnit, one worktree, one Claude Code session, one commit, one verify.
 
 :func:`execute_task` is the whole job of a worker, free of Prefect so it can be tested and
 reused; ``claudecluster.tasks.worker`` wraps it as a Prefect task with logging and artifacts.
 
 The user's checkout is never touched: the task branch ``claudecluster/<run-id>/<task-id>`` is
-created from the base commit in a separate worktree, so a dirty working tree is neither read
-nor changed. Whatever the session changed is committed, even when it then stops at a limit,
-so paid-for work is never lost; only a succeeded task is offered for merging.
+created from the base commit (plus the work of the task's dependencies) in a separate
+worktree, so a dirty working tree is neither read nor changed. Whatever the session changed
+is committed, even when it then stops at a limit, so paid-for work is never lost; only a
+succeeded task is offered for merging. A repository given as a URL is worked on in a local
+clone, and the task branch is pushed back to it.
 """
 
 from __future__ import annotations
 
-import secrets
 import time
-from collections.abc import AsyncIterator, Callable
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
-from datetime import UTC, datetime
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Protocol
 
-from claudecluster import gitops
+from claudecluster import gitops, remote
 from claudecluster.errors import ClaudeClusterError, StartRefusedError
-from claudecluster.models import (
-    FailureReason,
-    TaskResult,
-    TaskSpec,
-    TaskStatus,
-    WorkerSettings,
-)
+from claudecluster.models import FailureReason, TaskResult, TaskSpec, TaskStatus, WorkUnit
 from claudecluster.permissions import permissions_for
-from claudecluster.session import Logger, SessionOutcome, run_session
+from claudecluster.redact import redact
+from claudecluster.session import SessionHost, SessionOutcome, SessionRequest
+from claudecluster.target import Target, open_target
 from claudecluster.verify import run_verify
+from claudecluster.workspace import default_worktree_root
 
 DIFF_CAP_BYTES = 200_000
 
@@ -52,34 +47,6 @@ _FAILED_REASONS = {
 }
 
 
-class CostSink(Protocol):
-    """Told what a session cost as soon as it ends (a run's budget counts it at once)."""
-
-    def spend(self, usd: float) -> None: ...
-
-
-# What a session holds while it runs; what it yields (if anything) is told the session's cost.
-SlotFactory = Callable[[], AbstractAsyncContextManager[CostSink | None]]
-
-
-@asynccontextmanager
-async def no_slot() -> AsyncIterator[None]:
-    """A session slot that limits nothing (for use outside Prefect)."""
-    yield
-
-
-def new_run_id() -> str:
-    """A sortable, branch- and artifact-key-safe run id, e.g. ``20261125-093012-7f3a``."""
-    return datetime.now(UTC).strftime("%Y%m%d-%H%M%S-") + secrets.token_hex(2)
-
-
-def default_worktree_root() -> Path:
-    """Where worktrees live: ``<claudecluster home>/worktrees``."""
-    from claudecluster.prefect_server import claudecluster_home
-
-    return claudecluster_home() / "worktrees"
-
-
 def task_prompt(spec: TaskSpec, verify: str | None) -> str:
     """The prompt a worker session gets: the task's own prompt plus its frame."""
     lines = [spec.prompt.strip(), "", "---", f"Task {spec.id} ({spec.kind}): {spec.title}"]
@@ -95,86 +62,180 @@ def commit_message(spec: TaskSpec, run_id: str) -> str:
     return f"{spec.title}\n\nClaudeCluster-Task: {spec.id}\nClaudeCluster-Run: {run_id}\n"
 
 
-def _status_for(reason: FailureReason | None) -> TaskStatus:
+def status_for(reason: FailureReason | None) -> TaskStatus:
+    """The status of a task that ran: succeeded, failed at a limit, or an error."""
     if reason is None:
         return TaskStatus.SUCCEEDED
     return TaskStatus.FAILED if reason in _FAILED_REASONS else TaskStatus.ERROR
 
 
 async def execute_task(
-    repo_path: str | Path,
-    base_commit: str,
-    spec: TaskSpec,
-    settings: WorkerSettings,
-    run_id: str,
+    unit: WorkUnit,
     *,
-    verify: str | None = None,
-    worktree_root: Path | None = None,
+    host: SessionHost | None = None,
+    git_env: Mapping[str, str] | None = None,
     keep_worktree: bool = False,
-    env: dict[str, str] | None = None,
-    log: Logger | None = None,
-    session_slot: SlotFactory | None = None,
 ) -> TaskResult:
-    """Run ``spec`` from ``base_commit`` and return its TaskResult.
+    """Run ``unit`` and return its TaskResult.
 
-    Raises only for bad input (a missing repo or commit); everything that goes wrong once the
-    task has started is reported in the result. ``session_slot`` is held around the session
-    (ClaudeCluster passes the cluster-wide session limit there).
+    Raises only for bad input (a missing repository or commit); everything that goes wrong
+    once the task has started is reported in the result. ``host`` runs the session (by
+    default the real CLI, holding nothing); ``git_env`` reaches a repository URL's origin.
     """
     started = time.monotonic()
-    repo = gitops.open_repo(repo_path)
-    base = gitops.resolve_commit(repo, base_commit)
-    verify_command = spec.verify or verify
-    branch = gitops.task_branch(run_id, spec.id)
-    result = TaskResult(
-        id=spec.id,
-        title=spec.title,
-        kind=spec.kind,
-        status=TaskStatus.ERROR,
-        base_commit=base,
-        head_commit=base,
+    root = Path(unit.worktree_root) if unit.worktree_root else default_worktree_root()
+    target = open_target(
+        unit.repo, base=unit.base_commit, git_env=git_env, clones_root=root / "clones"
     )
-    root = worktree_root or default_worktree_root()
-    worktree_path = root / run_id / spec.id
-    try:
-        worktree = gitops.add_worktree(repo, worktree_path, branch, base)
-    except ClaudeClusterError as exc:
-        result.failure_reason = FailureReason.GIT_ERROR
-        result.error = f"could not create the task's worktree: {exc.message}"
-        result.duration_s = round(time.monotonic() - started, 3)
+    attempt = _Attempt(unit, target, host or SessionHost(), root / unit.run_id)
+    result = await attempt.run(keep_worktree=keep_worktree)
+    result.duration_s = round(time.monotonic() - started, 3)
+    return result
+
+
+class _Attempt:
+    """The steps of one worker attempt; each failure ends it with the result so far."""
+
+    def __init__(self, unit: WorkUnit, target: Target, host: SessionHost, root: Path) -> None:
+        self.unit, self.target, self.host, self.root = unit, target, host, root
+        self.spec = unit.spec
+        self.branch = gitops.task_branch(unit.run_id, unit.spec.id)
+
+    async def run(self, *, keep_worktree: bool) -> TaskResult:
+        spec, repo, log = self.spec, self.target.repo, self.host.log
+        log(f"task {spec.id}: {spec.title}")
+        try:
+            start = self._starting_commit()
+        except gitops.MergeConflictError as conflict:
+            return TaskResult.not_done(
+                spec,
+                self.target.base_commit,
+                status=TaskStatus.ERROR,
+                reason=FailureReason.DEPENDENCY_FAILED,
+                error=f"the work of its dependencies does not combine: {conflict.message}",
+            )
+        result = TaskResult(
+            id=spec.id,
+            title=spec.title,
+            kind=spec.kind,
+            status=TaskStatus.ERROR,
+            base_commit=start,
+            head_commit=start,
+        )
+        try:
+            worktree = gitops.add_worktree(repo, self.root / spec.id, self.branch, start)
+        except ClaudeClusterError as exc:
+            return _failed(
+                result,
+                FailureReason.GIT_ERROR,
+                f"could not create the task's worktree: {exc.message}",
+            )
+        try:
+            outcome = await self.host.run(self._request(worktree.path))
+        except ClaudeClusterError as exc:
+            self._discard(worktree.path)
+            if isinstance(exc, StartRefusedError):
+                result.status = TaskStatus.SKIPPED
+                result.failure_reason = FailureReason(exc.failure_reason)
+                result.error = exc.message
+                return result
+            return _failed(
+                result,
+                FailureReason.SESSION_ERROR,
+                f"the session could not start: {exc.one_line()}",
+            )
+        _record_outcome(result, outcome)
+        try:
+            head = gitops.commit_all(worktree.path, commit_message(spec, self.unit.run_id))
+        except ClaudeClusterError as exc:
+            result.worktree = str(worktree.path)  # the uncommitted work is still there
+            return _failed(
+                result,
+                FailureReason.GIT_ERROR,
+                f"could not commit the session's changes: {exc.message}",
+            )
+        if head is None:
+            self._discard(worktree.path)
+            result.status = (
+                TaskStatus.NO_CHANGES if outcome.ok else status_for(outcome.failure_reason)
+            )
+            return result
+        self._record_commit(result, start, head)
+        if outcome.ok and self.unit.verify_command:
+            self._verify(result, worktree.path)
+        result.status = status_for(result.failure_reason)
+        if keep_worktree:
+            result.worktree = str(worktree.path)
+        else:
+            # Everything is committed on the task branch, so the worktree holds nothing unique.
+            gitops.remove_worktree(repo, worktree.path)
+        if self.target.url is not None:
+            self._push()
         return result
 
-    permissions = permissions_for(
-        settings.permission_policy,
-        verify=verify_command,
-        extra_allowed=settings.allowed_tools,
-        extra_disallowed=settings.disallowed_tools,
-    )
-    try:
-        async with (session_slot or no_slot)() as place:
-            outcome: SessionOutcome = await run_session(
-                task_prompt(spec, verify_command),
-                cwd=worktree.path,
-                settings=settings,
-                permissions=permissions,
-                system_prompt_append=WORKER_INSTRUCTIONS,
-                env=env,
-                log=log,
-            )
-            if place is not None:
-                place.spend(outcome.cost_usd)
-    except ClaudeClusterError as exc:
-        gitops.remove_worktree(repo, worktree.path)
-        gitops.delete_branch(repo, branch)
-        if isinstance(exc, StartRefusedError):
-            result.status = TaskStatus.SKIPPED
-            result.failure_reason = FailureReason(exc.failure_reason)
-            result.error = exc.message
-        else:
-            result.failure_reason = FailureReason.SESSION_ERROR
-            result.error = f"the session could not start: {exc.one_line()}"
-        result.duration_s = round(time.monotonic() - started, 3)
-        return result
+    def _starting_commit(self) -> str:
+        """The base commit plus the merged work of the task's dependencies."""
+        branches = self.unit.dependency_branches
+        start = gitops.combine_branches(
+            self.target.repo,
+            self.target.base_commit,
+            branches,
+            root=self.root,
+            name=f"{self.spec.id}-base",
+        )
+        if start != self.target.base_commit:
+            self.host.log(f"starting from {start[:12]} (base plus {', '.join(branches)})")
+        return start
+
+    def _request(self, worktree: Path) -> SessionRequest:
+        settings, verify = self.unit.settings, self.unit.verify_command
+        return SessionRequest(
+            prompt=task_prompt(self.spec, verify),
+            cwd=worktree,
+            settings=settings,
+            permissions=permissions_for(
+                settings.permission_policy,
+                verify=verify,
+                extra_allowed=settings.allowed_tools,
+                extra_disallowed=settings.disallowed_tools,
+            ),
+            system_prompt_append=WORKER_INSTRUCTIONS,
+        )
+
+    def _record_commit(self, result: TaskResult, start: str, head: str) -> None:
+        repo = self.target.repo
+        result.branch = self.branch
+        result.head_commit = head
+        result.files = gitops.diff_stats(repo, start, head)
+        result.diff, result.diff_truncated = gitops.cap_text(
+            gitops.diff_text(repo, start, head), DIFF_CAP_BYTES
+        )
+
+    def _verify(self, result: TaskResult, worktree: Path) -> None:
+        command = self.unit.verify_command
+        assert command is not None
+        timeout = self.unit.settings.verify_timeout_s
+        report = run_verify(command, worktree, timeout)
+        result.test_report = report
+        if report.timed_out:
+            result.failure_reason = FailureReason.VERIFY_TIMEOUT
+            result.error = f"verify command timed out after {timeout:g} s"
+        elif not report.ok:
+            result.failure_reason = FailureReason.VERIFY_FAILED
+            result.error = f"verify command exited {report.exit_code}: {command}"
+
+    def _discard(self, worktree: Path) -> None:
+        """Remove a worktree and branch holding nothing (no session ran, or it changed nothing)."""
+        gitops.remove_worktree(self.target.repo, worktree)
+        gitops.delete_branch(self.target.repo, self.branch)
+
+    def _push(self) -> None:
+        """A clone's task branch goes back to the repository the URL names."""
+        remote.push(self.target.repo, self.branch, env=dict(self.target.git_env))
+        self.host.log(f"pushed {self.branch} to {redact(str(self.target.url))}")
+
+
+def _record_outcome(result: TaskResult, outcome: SessionOutcome) -> None:
     result.session_id = outcome.session_id
     result.turns = outcome.turns
     result.cost_usd = outcome.cost_usd
@@ -185,43 +246,9 @@ async def execute_task(
     result.failure_reason = outcome.failure_reason
     result.error = outcome.error
 
-    try:
-        head = gitops.commit_all(worktree.path, commit_message(spec, run_id))
-    except ClaudeClusterError as exc:
-        result.failure_reason = FailureReason.GIT_ERROR
-        result.error = f"could not commit the session's changes: {exc.message}"
-        result.status = TaskStatus.ERROR
-        result.worktree = str(worktree.path)  # the uncommitted work is still there
-        result.duration_s = round(time.monotonic() - started, 3)
-        return result
 
-    if head is None:
-        gitops.remove_worktree(repo, worktree.path)
-        gitops.delete_branch(repo, branch)
-        result.status = TaskStatus.NO_CHANGES if outcome.ok else _status_for(outcome.failure_reason)
-        result.duration_s = round(time.monotonic() - started, 3)
-        return result
-
-    result.branch = branch
-    result.head_commit = head
-    result.files = gitops.diff_stats(repo, base, head)
-    result.diff, result.diff_truncated = gitops.cap_text(
-        gitops.diff_text(repo, base, head), DIFF_CAP_BYTES
-    )
-    if outcome.ok and verify_command:
-        report = run_verify(verify_command, worktree.path, settings.verify_timeout_s)
-        result.test_report = report
-        if report.timed_out:
-            result.failure_reason = FailureReason.VERIFY_TIMEOUT
-            result.error = f"verify command timed out after {settings.verify_timeout_s:g} s"
-        elif not report.ok:
-            result.failure_reason = FailureReason.VERIFY_FAILED
-            result.error = f"verify command exited {report.exit_code}: {verify_command}"
-    result.status = _status_for(result.failure_reason)
-    if keep_worktree:
-        result.worktree = str(worktree.path)
-    else:
-        # Everything is committed on the task branch, so the worktree holds nothing unique.
-        gitops.remove_worktree(repo, worktree.path)
-    result.duration_s = round(time.monotonic() - started, 3)
+def _failed(result: TaskResult, reason: FailureReason, error: str) -> TaskResult:
+    result.status = TaskStatus.ERROR
+    result.failure_reason = reason
+    result.error = error
     return result

@@ -19,34 +19,24 @@ from prefect.client.schemas.objects import FlowRun, State
 from prefect.context import FlowRunContext
 from prefect.states import Completed, Failed
 
-from claudecluster import gitops, remote
+from claudecluster import remote
 from claudecluster.artifacts import artifact_key, plan_markdown, publish_run_artifacts
-from claudecluster.blocks.repository import load_target
-from claudecluster.blocks.settings import load_settings_block, resolve_settings
+from claudecluster.blocks.repository import resolve_target
+from claudecluster.blocks.settings import resolve_settings
+from claudecluster.checks import DEFAULT_MAX_TASKS, PLAN_FILE_MAX_TASKS
+from claudecluster.concurrency import session_slot
 from claudecluster.dispatch import RunContext, run_tasks
-from claudecluster.errors import PlannerError, UsageError
-from claudecluster.models import (
-    RunReport,
-    RunStatus,
-    TaskResult,
-    WorkerSettings,
-)
-from claudecluster.plan import (
-    Plan,
-    pools_in,
-    validate_plan,
-)
+from claudecluster.errors import PlannerError
+from claudecluster.gitops import BRANCH_PREFIX
+from claudecluster.models import RunReport, RunStatus, TaskResult, WorkerSettings
+from claudecluster.plan import Plan, pools_in, validate_plan
 from claudecluster.pools import check_reachable, worker_deployments
 from claudecluster.progress import RunProgress
-from claudecluster.session import preload_sdk
+from claudecluster.session import SessionHost, preload_sdk
 from claudecluster.summary import build_report, planning_failed_report
 from claudecluster.tasks.integrate import integrate_branches
 from claudecluster.tasks.plan import plan_goal
-from claudecluster.worker import default_worktree_root, new_run_id
-
-DEFAULT_MAX_TASKS = 12
-# A plan file is the user's own decision; this only stops an accidental runaway.
-PLAN_FILE_MAX_TASKS = 1000
+from claudecluster.workspace import default_worktree_root, new_run_id
 
 
 def publish_branches(repo: Any, report: RunReport, *, env: dict[str, str]) -> None:
@@ -121,27 +111,12 @@ def goal_flow(
     preload_sdk()  # overlaps with the start-up below, which mostly waits on the server
     logger = get_run_logger()
     started = time.monotonic()
-    settings, _ = resolve_settings(settings, settings_block)
-    if budget_usd is None and settings_block:
-        budget_usd = load_settings_block(settings_block).budget_usd
     context = FlowRunContext.get()
     run_id = run_id or (context.flow_run.name if context and context.flow_run else new_run_id())
-    root = worktree_root or str(default_worktree_root())
-    git_env: dict[str, str] = {}
-    if repo_block:
-        target = load_target(repo_block)
-        repo, base_commit = target.location, base_commit or target.branch
-        git_env = target.git_env()
-    if not repo:
-        raise UsageError("no repository given", hint="Pass repo or repo_block.")
-    url = repo if remote.is_remote(repo) else None
-    git_repo = (
-        remote.cache_clone(url, Path(root) / "clones", env=git_env)
-        if url
-        else gitops.open_repo(repo)
-    )
-    repo = str(Path(git_repo.working_dir))
-    base = gitops.resolve_commit(git_repo, base_commit)
+    root = Path(worktree_root) if worktree_root else default_worktree_root()
+    resolved = resolve_settings(settings, settings_block, budget_usd=budget_usd)
+    target = resolve_target(repo, repo_block, base=base_commit, clones_root=root / "clones")
+    host = SessionHost(slot=session_slot, env=resolved.env)
     if plan is not None and not goal:
         goal = plan.goal or ""
     progress = RunProgress(run_id)
@@ -151,23 +126,24 @@ def goal_flow(
         try:
             plan, planner_result = plan_goal(
                 goal,
-                repo,
-                base,
-                settings,
-                run_id,
+                str(target.root),
+                target.base_commit,
+                resolved.settings,
                 max_tasks or DEFAULT_MAX_TASKS,
                 verify,
-                root,
-                settings_block=settings_block,
+                str(root),
+                host,
             )
         except PlannerError as exc:
-            report = planning_failed_report(run_id, goal, url or repo, base, exc, started)
+            report = planning_failed_report(
+                run_id, goal, target.location, target.base_commit, exc, started, _flow_run_id()
+            )
             publish_run_artifacts(report, None)
             progress.complete(f"run failed: {exc.message}")
             return Failed(data=report, message=exc.one_line())
         progress.cost_usd += planner_result.cost_usd
     else:
-        plan = validate_plan(plan, Path(repo), max_tasks=max_tasks or PLAN_FILE_MAX_TASKS)
+        plan = validate_plan(plan, target.root, max_tasks=max_tasks or PLAN_FILE_MAX_TASKS)
         if verify is not None:
             plan.verify = verify
     plan.goal = plan.goal or goal
@@ -175,60 +151,65 @@ def goal_flow(
         key=artifact_key(run_id, "plan"), markdown=plan_markdown(plan), description="The plan"
     )
     progress.planned(len(plan.tasks))
-    logger.info("run %s: %d tasks from %s", run_id, len(plan.tasks), base[:12])
+    logger.info("run %s: %d tasks from %s", run_id, len(plan.tasks), target.base_commit[:12])
 
     targets = worker_deployments(pools_in(plan, pool))
-    check_reachable(targets, repo_is_url=url is not None)
+    check_reachable(targets, repo_is_url=target.url is not None)
     with ExitStack() as stack:
-        repo_url = url
+        repo_url = target.url
         if repo_url is None and not all(t.shares_disk for t in targets.values()):
-            repo_url = stack.enter_context(remote.ServedRepository(Path(repo))).url
-            logger.info("serving %s to the pools' workers at %s", repo, repo_url)
+            repo_url = stack.enter_context(remote.ServedRepository(target.root)).url
+            logger.info("serving %s to the pools' workers at %s", target.root, repo_url)
         run = RunContext(
-            repo=repo,
-            base_commit=base,
-            settings=settings,
             run_id=run_id,
+            repo=str(target.root),
+            base_commit=target.base_commit,
+            settings=resolved.settings,
             max_parallel=max_parallel,
-            worktree_root=root,
+            worktree_root=str(root),
             pool=pool,
             settings_block=settings_block,
             repo_block=repo_block,
             targets=targets,
             repo_url=repo_url,
-            budget_usd=budget_usd,
+            budget_usd=resolved.budget_usd,
+            session_env=resolved.env,
         )
         results = run_tasks(plan, run, progress)
-    if url:  # workers in containers pushed their branches to the remote
-        remote.fetch(git_repo, env=git_env, pattern=f"{gitops.BRANCH_PREFIX}/{run_id}/*")
+    if target.url:  # workers in containers pushed their branches to the remote
+        remote.fetch(target.repo, env=dict(target.git_env), pattern=f"{BRANCH_PREFIX}/{run_id}/*")
     progress.integrating()
     integration = integrate_branches(
-        repo,
-        base,
+        str(target.root),
+        target.base_commit,
         run_id,
         plan,
         results,
-        plan.verify,
-        settings.verify_timeout_s,
-        root,
-        settings=settings,
-        settings_block=settings_block,
+        str(root),
+        resolved.settings,
+        host,
     )
     report = build_report(
         run_id=run_id,
         goal=goal,
-        repo=url or repo,
-        base_commit=base,
+        repo=target.location,
+        base_commit=target.base_commit,
         plan=plan,
         results=results,
         integration=integration,
         planner=planner_result,
         started=started,
+        flow_run_id=_flow_run_id(),
     )
-    if url:
-        publish_branches(git_repo, report, env=git_env)
+    if target.url:
+        publish_branches(target.repo, report, env=dict(target.git_env))
     publish_run_artifacts(report, plan)
     progress.complete(f"run {report.status}")
     if report.status is RunStatus.SUCCEEDED:
         return Completed(data=report, message="every task succeeded, merged and verified")
     return Failed(data=report, message=report.error or "the run failed")
+
+
+def _flow_run_id() -> str | None:
+    context = FlowRunContext.get()
+    return str(context.flow_run.id) if context and context.flow_run else None

@@ -10,18 +10,12 @@ from prefect import flow, get_run_logger
 from prefect.client.schemas.objects import State
 from prefect.states import Completed, Failed
 
-from claudecluster import gitops
-from claudecluster.blocks.repository import load_target
-from claudecluster.errors import UsageError
+from claudecluster.blocks.repository import resolve_target
 from claudecluster.flows.goal import goal_flow
 from claudecluster.models import RunReport, RunStatus, WorkerSettings
-from claudecluster.sweep import (
-    SweepSpec,
-    last_swept_commit,
-    record_sweep,
-    select_files,
-    sweep_plan,
-)
+from claudecluster.sweep import SweepSpec, select_files, sweep_plan
+from claudecluster.sweep_state import last_swept_commit, record_sweep
+from claudecluster.workspace import default_worktree_root
 
 
 @flow(name="claudecluster-sweep", flow_run_name="sweep-{sweep.name}", log_prints=False)
@@ -37,13 +31,10 @@ def sweep_flow(
 ) -> State[RunReport]:
     """Select files, batch them into tasks, and run them as a goal."""
     logger = get_run_logger()
-    if repo_block:
-        target = load_target(repo_block)
-        repo, base_commit = target.location, base_commit or target.branch
-    if not repo:
-        raise UsageError("no repository given", hint="Pass repo or repo_block.")
-    git_repo = gitops.open_repo(repo)
-    base = gitops.resolve_commit(git_repo, base_commit)
+    target = resolve_target(
+        repo, repo_block, base=base_commit, clones_root=default_worktree_root() / "clones"
+    )
+    git_repo, base = target.repo, target.base_commit
     since = last_swept_commit(sweep.name, git_repo) if sweep.changed_since_last else None
     files = select_files(git_repo, base, sweep, since)
     logger.info(
@@ -57,7 +48,7 @@ def sweep_flow(
             run_id="",
             goal=f"Sweep {sweep.name}",
             status=RunStatus.SUCCEEDED,
-            repo=str(git_repo.working_dir),
+            repo=target.location,
             base_commit=base,
             error=None,
         )
@@ -65,7 +56,8 @@ def sweep_flow(
         return Completed(data=report, message="nothing to sweep")
     state: State[RunReport] = goal_flow(  # type: ignore[assignment]
         goal=f"Sweep {sweep.name}",
-        repo=str(git_repo.working_dir),
+        repo=repo,
+        repo_block=repo_block,
         plan=sweep_plan(sweep, files),
         max_parallel=max_parallel,
         settings=settings,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
@@ -10,12 +9,11 @@ import anyio
 from prefect import get_run_logger, task
 from prefect.cache_policies import NONE
 
-from claudecluster.blocks.settings import resolve_settings
 from claudecluster.integrate import IntegrationOutcome, integrate
-from claudecluster.limits import session_slot
 from claudecluster.models import TaskResult, TaskSpec, WorkerSettings
 from claudecluster.plan import Plan
 from claudecluster.resolve import Resolution, Resolver, resolve_conflict
+from claudecluster.session import SessionHost
 
 
 @task(name="integrate", cache_policy=NONE)
@@ -25,26 +23,28 @@ def integrate_branches(
     run_id: str,
     plan: Plan,
     results: dict[str, TaskResult],
-    verify: str | None,
-    verify_timeout_s: float,
     worktree_root: str,
-    settings: WorkerSettings | None = None,
-    settings_block: str | None = None,
+    settings: WorkerSettings,
+    host: SessionHost,
 ) -> IntegrationOutcome:
-    """Merge onto the integration branch (resolving conflicts) and run the final verify."""
+    """Merge onto the integration branch (resolving conflicts) and run the final verify.
+
+    ``host`` runs the resolution sessions, when ``settings.resolve_conflicts`` allows them.
+    """
     logger = get_run_logger()
-    resolver = None
-    if settings is not None and settings.resolve_conflicts:
-        env = resolve_settings(None, settings_block)[1] if settings_block else None
-        resolver = _session_resolver(settings, env, logger.info)
+    resolver = (
+        _session_resolver(settings, host.with_log(logger.info))
+        if settings.resolve_conflicts
+        else None
+    )
     outcome = integrate(
         repo,
         base_commit,
         run_id,
         plan,
         results,
-        verify=verify,
-        verify_timeout_s=verify_timeout_s,
+        verify=plan.verify,
+        verify_timeout_s=settings.verify_timeout_s,
         worktree_root=Path(worktree_root),
         resolver=resolver,
     )
@@ -59,9 +59,7 @@ def integrate_branches(
     return outcome
 
 
-def _session_resolver(
-    settings: WorkerSettings, env: dict[str, str] | None, log: Callable[[str], None]
-) -> Resolver:
+def _session_resolver(settings: WorkerSettings, host: SessionHost) -> Resolver:
     def resolver(
         worktree: Path,
         files: list[str],
@@ -69,7 +67,7 @@ def _session_resolver(
         others: list[TaskSpec],
         verify: str | None,
     ) -> Resolution:
-        log(f"resolving the conflict of {task.id} in {', '.join(files)}")
+        host.log(f"resolving the conflict of {task.id} in {', '.join(files)}")
         return anyio.run(
             partial(
                 resolve_conflict,
@@ -79,9 +77,7 @@ def _session_resolver(
                 others,
                 verify,
                 settings=settings,
-                log=log,
-                session_slot=session_slot,
-                env=env,
+                host=host,
             )
         )
 

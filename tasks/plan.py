@@ -9,11 +9,10 @@ import anyio
 from prefect import get_run_logger, task
 from prefect.cache_policies import NONE
 
-from claudecluster.blocks.settings import resolve_settings
-from claudecluster.limits import session_slot
 from claudecluster.models import TaskResult, TaskStatus, WorkerSettings
 from claudecluster.plan import Plan
 from claudecluster.planner import run_planner
+from claudecluster.session import SessionHost
 
 
 @task(name="plan", cache_policy=NONE)
@@ -22,14 +21,12 @@ def plan_goal(
     repo: str,
     base_commit: str,
     settings: WorkerSettings,
-    run_id: str,
     max_tasks: int,
     verify: str | None,
     worktree_root: str,
-    settings_block: str | None = None,
+    host: SessionHost,
 ) -> tuple[Plan, TaskResult]:
     """Ask the planner for a plan; return it with the planner session's accounting."""
-    logger = get_run_logger()
     plan, outcome = anyio.run(
         partial(
             run_planner,
@@ -40,9 +37,7 @@ def plan_goal(
             max_tasks=max_tasks,
             verify=verify,
             worktree_root=Path(worktree_root),
-            log=logger.info,
-            session_slot=session_slot,
-            env=resolve_settings(None, settings_block)[1] if settings_block else None,
+            host=host.with_log(get_run_logger().info),
         )
     )
     accounting = TaskResult(

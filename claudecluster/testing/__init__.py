@@ -1,4 +1,5 @@
-"""Test support: a scripted Anthropic Messages API that the real Claude Code CLI can talk to.
+"""Test support: a scripted Anthropic Messages API that the real Claude Code CLI can talk to,
+and a fake session runner for unit tests that need no CLI (:mod:`claudecluster.testing.fake`).
 
 Write :class:`Script` objects with the builders (:func:`text`, :func:`tool_use`,
 :func:`tool_uses`, :func:`structured`, :func:`api_error`, :func:`hang`), register them on a
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from claudecluster.testing.fake import FakeRunner, finished, stopped, writes
 from claudecluster.testing.script import (
     STRUCTURED_OUTPUT_TOOL,
     ApiError,
@@ -42,6 +44,7 @@ __all__ = [
     "STRUCTURED_OUTPUT_TOOL",
     "ApiError",
     "Entry",
+    "FakeRunner",
     "RecordedRequest",
     "RequestView",
     "Script",
@@ -53,12 +56,15 @@ __all__ = [
     "Turn",
     "TurnFactory",
     "api_error",
+    "finished",
     "hang",
     "load_scripts",
+    "stopped",
     "structured",
     "text",
     "tool_use",
     "tool_uses",
+    "writes",
 ]
 
 _SERVER_NAMES = frozenset({"RecordedRequest", "ScriptedModelServer", "SessionSummary"})

@@ -1,120 +1,28 @@
-"""Cluster-wide limits on Claude Code sessions, kept by Prefect's global concurrency limits.
+"""The session places of one local run: how a run shares the slots it holds among its tasks.
 
-Two limits, shared by every run, flow and work pool that talks to the same Prefect server:
+A local run (its tasks run as task runs of the goal's flow run, in this process) holds its
+``max_parallel`` slots of the cluster-wide session limit for its whole length and shares them
+here as places (:class:`RunSessions`); a :class:`StartPermits` reserve acquires session
+starts from the cluster-wide rate limit ahead of need, several per call, on a thread of its
+own (see :mod:`claudecluster.concurrency` for why).
 
-- ``claudecluster-sessions`` caps how many sessions run at once (default 16). Every session
-  holds one slot while it runs.
-- ``claudecluster-session-starts`` is a rate limit on session starts (default: bursts of 16,
-  refilled at 8 per second). Every session takes one slot before it starts; slots decay, so
-  starts are spread out instead of hitting the API all at once. Tune it to your API tier:
-  ``claudecluster setup --starts-per-second R --start-burst B``, or
-  ``prefect gcl update claudecluster-session-starts --limit B --slot-decay-per-second R``.
-
-Both are created by ``claudecluster setup`` (and on first use with the defaults), show in the
-UI under Concurrency, and are acquired with ``strict=True``: if a limit does not exist, the
-session does not start (a missing limit must never mean "unlimited").
-
-A local run takes both in bulk, off its tasks' critical path (:func:`local_sessions`): it
-holds its ``max_parallel`` session slots for the whole run and shares them among its tasks
-as places (:class:`RunSessions`), and a :class:`StartPermits` reserve acquires start slots
-ahead of need, several per call, on a thread of its own. Each acquisition is a write to the
-Prefect server; under load a SQLite server answers some of them with a 503 that Prefect's
-client retries after about 2 s, and every acquisition queued behind it in the same process
-waits too. Taken per session, that cost seconds on a third of the starts (benchmarks/).
+The dispatcher opens a run's :class:`RunSessions` with :func:`open_run_sessions` and passes
+it, explicitly, to each local worker task, whose session holds a place with
+:func:`session_place`. Sessions of other pools run elsewhere and take their own slot of the
+cluster-wide limit; here they only claim a place (:meth:`RunSessions.claim`).
 """
 
 from __future__ import annotations
 
 import contextvars
 import threading
-from collections.abc import AsyncIterator, Callable, Iterator
-from contextlib import ExitStack, asynccontextmanager, contextmanager
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Callable
+from contextlib import ExitStack, asynccontextmanager
 
-from claudecluster.errors import ConfigError, StartRefusedError
+import anyio.to_thread
 
-SESSION_LIMIT = "claudecluster-sessions"
-DEFAULT_SESSION_SLOTS = 16
-START_RATE_LIMIT = "claudecluster-session-starts"
-# Generous enough that a run's own fan-out (up to max_parallel starts at once) is never
-# refused: Prefect answers a refusal with a Retry-After that grows with every refusal it has
-# counted, which cost ~3 s per task in the benchmark with a burst of 4 at 2 per second.
-DEFAULT_START_BURST = 16
-DEFAULT_STARTS_PER_SECOND = 8.0
-
-
-@dataclass(frozen=True)
-class Limits:
-    """The cluster-wide limits as they stand on the server."""
-
-    sessions: int
-    start_burst: int
-    starts_per_second: float
-
-
-def ensure_limits(
-    sessions: int | None = None,
-    *,
-    starts_per_second: float | None = None,
-    start_burst: int | None = None,
-) -> Limits:
-    """Create the limits if they are missing (or set what is given); return them."""
-    from prefect.client.orchestration import get_client
-    from prefect.exceptions import ObjectNotFound
-
-    with get_client(sync_client=True) as client:
-        try:
-            existing = client.read_global_concurrency_limit_by_name(SESSION_LIMIT)
-        except ObjectNotFound:
-            existing = None
-        if existing is None or sessions is not None:
-            wanted = sessions or DEFAULT_SESSION_SLOTS
-            client.upsert_global_concurrency_limit_by_name(SESSION_LIMIT, wanted)
-        else:
-            wanted = int(existing.limit)
-        try:
-            rate = client.read_global_concurrency_limit_by_name(START_RATE_LIMIT)
-        except ObjectNotFound:
-            rate = None
-        burst = start_burst or (int(rate.limit) if rate else DEFAULT_START_BURST)
-        per_second = starts_per_second or (
-            float(rate.slot_decay_per_second) if rate else DEFAULT_STARTS_PER_SECOND
-        )
-        if rate is None or starts_per_second is not None or start_burst is not None:
-            client.upsert_global_concurrency_limit_by_name(
-                START_RATE_LIMIT, burst, slot_decay_per_second=per_second
-            )
-        return Limits(sessions=wanted, start_burst=burst, starts_per_second=per_second)
-
-
-@asynccontextmanager
-async def session_slot() -> AsyncIterator[None]:
-    """Wait for a start under the rate limit, then hold a session slot while the block runs."""
-    from prefect.concurrency._asyncio import ConcurrencySlotAcquisitionError
-    from prefect.concurrency.asyncio import concurrency
-
-    acquired = False
-    try:
-        await _take_start()
-        async with concurrency(SESSION_LIMIT, occupy=1, strict=True):
-            acquired = True
-            yield
-    except ConcurrencySlotAcquisitionError as exc:
-        if acquired:
-            raise
-        raise _missing_limits(exc) from exc
-
-
-@asynccontextmanager
-async def start_slot() -> AsyncIterator[None]:
-    """Wait for a start under the rate limit; the caller's run already holds a session slot."""
-    from prefect.concurrency._asyncio import ConcurrencySlotAcquisitionError
-
-    try:
-        await _take_start()
-    except ConcurrencySlotAcquisitionError as exc:
-        raise _missing_limits(exc) from exc
-    yield
+from claudecluster.concurrency import acquire_starts, current_limits, run_slots
+from claudecluster.errors import StartRefusedError
 
 
 def budget_spent(budget_usd: float, spent_usd: float) -> str:
@@ -122,88 +30,6 @@ def budget_spent(budget_usd: float, spent_usd: float) -> str:
     return (
         f"not started: the goal's budget of ${budget_usd:.2f} was spent (${spent_usd:.4f} so far)"
     )
-
-
-@asynccontextmanager
-async def run_session(sessions: RunSessions, task_id: str) -> AsyncIterator[RunSessions]:
-    """Hold one of a local run's session places (and a start permit) while the block runs.
-
-    Yields the run's sessions, to be told what the session cost before the place is freed.
-    """
-    import anyio.to_thread
-
-    entered = threading.Event()
-
-    def enter() -> None:
-        sessions.enter(task_id)
-        entered.set()
-
-    try:
-        # Not abandoned on cancellation: the wait ends, and a place it took is given back.
-        await anyio.to_thread.run_sync(enter)
-        yield sessions
-    finally:
-        if entered.is_set():
-            sessions.leave()
-
-
-async def _take_start() -> None:
-    from prefect.concurrency.asyncio import rate_limit
-
-    await rate_limit(START_RATE_LIMIT, occupy=1, strict=True)
-
-
-def _missing_limits(exc: Exception) -> ConfigError:
-    return ConfigError(
-        f"cannot take a slot of the ClaudeCluster session limits: {exc}",
-        hint="Run `claudecluster setup` against this Prefect server.",
-    )
-
-
-def current_limits() -> Limits:
-    """The cluster-wide limits as they stand on the server."""
-    from prefect.client.orchestration import get_client
-    from prefect.exceptions import ObjectNotFound
-
-    with get_client(sync_client=True) as client:
-        found = {}
-        for name in (SESSION_LIMIT, START_RATE_LIMIT):
-            try:
-                found[name] = client.read_global_concurrency_limit_by_name(name)
-            except ObjectNotFound:
-                raise ConfigError(
-                    f"the concurrency limit {name} is missing on the Prefect server",
-                    hint="Run `claudecluster setup` against this Prefect server.",
-                ) from None
-    sessions, starts = found[SESSION_LIMIT], found[START_RATE_LIMIT]
-    return Limits(
-        sessions=int(sessions.limit),
-        start_burst=int(starts.limit),
-        starts_per_second=float(starts.slot_decay_per_second),
-    )
-
-
-@contextmanager
-def run_slots(slots: int) -> Iterator[None]:
-    """Hold ``slots`` of the session limit for a whole run (none when ``slots`` is 0)."""
-    if slots <= 0:
-        yield
-        return
-    from prefect.concurrency.sync import concurrency
-
-    with concurrency(SESSION_LIMIT, occupy=slots, strict=True):
-        yield
-
-
-def acquire_starts(count: int) -> None:
-    """Take ``count`` session starts from the cluster-wide rate limit, waiting as needed."""
-    from prefect.concurrency._asyncio import ConcurrencySlotAcquisitionError
-    from prefect.concurrency.sync import rate_limit
-
-    try:
-        rate_limit(START_RATE_LIMIT, occupy=count, strict=True)
-    except ConcurrencySlotAcquisitionError as exc:
-        raise _missing_limits(exc) from exc
 
 
 class StartPermits:
@@ -429,42 +255,42 @@ class RunSessions:
         self._changed.notify_all()
 
 
-_RUNS: dict[str, RunSessions] = {}
+@asynccontextmanager
+async def session_place(sessions: RunSessions, task_id: str) -> AsyncIterator[RunSessions]:
+    """Hold one of a local run's session places (and a start permit) while the block runs.
+
+    Yields the run's sessions, to be told what the session cost before the place is freed.
+    """
+    entered = threading.Event()
+
+    def enter() -> None:
+        sessions.enter(task_id)
+        entered.set()
+
+    try:
+        # Not abandoned on cancellation: the wait ends, and a place it took is given back.
+        await anyio.to_thread.run_sync(enter)
+        yield sessions
+    finally:
+        if entered.is_set():
+            sessions.leave()
 
 
-@contextmanager
-def local_sessions(
-    run_id: str,
-    width: int,
-    starts: int,
-    *,
-    budget_usd: float | None = None,
-    spent_usd: float = 0.0,
-) -> Iterator[RunSessions | None]:
-    """The session places of a local run's ``starts`` sessions (None when it has none).
+def open_run_sessions(
+    width: int, starts: int, *, budget_usd: float | None = None, spent_usd: float = 0.0
+) -> RunSessions | None:
+    """The session places of a local run with ``starts`` sessions (None when it has none).
 
-    While the block runs, the run's worker tasks in this process find them with
-    :func:`sessions_of`. The cluster-wide slots and start permits are taken by
-    :meth:`RunSessions.acquire`.
+    The width is capped by the cluster-wide session limit. The cluster-wide slots and the
+    first start permits are taken by :meth:`RunSessions.acquire`.
     """
     if starts <= 0:
-        yield None
-        return
+        return None
     limits = current_limits()
-    sessions = RunSessions(
+    return RunSessions(
         min(width, limits.sessions),
         starts=starts,
         start_burst=limits.start_burst,
         budget_usd=budget_usd,
         spent_usd=spent_usd,
     )
-    _RUNS[run_id] = sessions
-    try:
-        yield sessions
-    finally:
-        _RUNS.pop(run_id, None)
-
-
-def sessions_of(run_id: str) -> RunSessions | None:
-    """The session places of ``run_id`` if its dispatcher runs in this process."""
-    return _RUNS.get(run_id)

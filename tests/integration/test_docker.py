@@ -187,7 +187,7 @@ class TestDockerPool:
         assert len(runs) == 3
         for run in runs:
             assert run["state_type"] == "COMPLETED"
-            assert run["parameters"]["repo"].startswith("git://127.0.0.1:")
+            assert run["parameters"]["unit"]["repo"].startswith("git://127.0.0.1:")
         stored = [p for p in Path(str(ftp_results["root"])).rglob("*") if p.is_file()]
         assert len(stored) >= 3
 

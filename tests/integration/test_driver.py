@@ -37,6 +37,7 @@ from claudecluster.models import (
     TaskSpec,
     TaskStatus,
     WorkerSettings,
+    WorkUnit,
 )
 from claudecluster.plan import Plan
 from claudecluster.testing import (
@@ -918,13 +919,15 @@ class TestSingleTask:
 
         async def go() -> TaskResult:
             return await single_task_flow(
-                str(repo),
-                base,
-                spec,
-                WorkerSettings(),
-                run_id,
-                verify=VERIFY,
-                worktree_root=str(worktree_root),
+                WorkUnit(
+                    run_id=run_id,
+                    spec=spec,
+                    repo=str(repo),
+                    base_commit=base,
+                    verify=VERIFY,
+                    settings=WorkerSettings(),
+                    worktree_root=str(worktree_root),
+                )
             )
 
         result = anyio.run(go)

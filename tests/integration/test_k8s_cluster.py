@@ -420,7 +420,7 @@ class TestKubernetesPool:
         by_run = {job["metadata"]["labels"][FLOW_RUN_LABEL]: job for job in jobs}
         for run in runs:
             assert run["state_type"] == "COMPLETED"
-            assert run["parameters"]["repo"].startswith("git://127.0.0.1:")
+            assert run["parameters"]["unit"]["repo"].startswith("git://127.0.0.1:")
             job = by_run[run["id"]]
             assert job["status"].get("succeeded") == 1
             pod = job["spec"]["template"]["spec"]

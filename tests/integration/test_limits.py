@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from claudecluster.api import run_goal
-from claudecluster.limits import DEFAULT_START_BURST, DEFAULT_STARTS_PER_SECOND, ensure_limits
+from claudecluster.concurrency import DEFAULT_START_BURST, DEFAULT_STARTS_PER_SECOND, ensure_limits
 from claudecluster.models import TaskSpec
 from claudecluster.plan import Plan
 from claudecluster.testing import Script, ScriptedModelServer, text, tool_use

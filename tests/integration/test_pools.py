@@ -188,7 +188,7 @@ class TestRunOnPool:
             assert child["state_type"] == "COMPLETED"
             parent_task_run = cluster.api("GET", f"/task_runs/{child['parent_task_run_id']}")
             assert parent_task_run["flow_run_id"] == goal_run["id"]
-            assert child["parameters"]["spec"]["id"] in child["name"]
+            assert child["parameters"]["unit"]["spec"]["id"] in child["name"]
 
 
 class TestGoalDeployment:
@@ -560,7 +560,8 @@ class TestBlocks:
         assert isinstance(target, TargetRepository)
         assert (target.location, target.branch) == (str(repo), "main")
 
-        settings, env = resolve_settings(WorkerSettings(max_turns=7), name)
+        resolved = resolve_settings(WorkerSettings(max_turns=7), name)
+        settings, env = resolved.settings, resolved.env
         defaults = WorkerSettings()
         assert settings.max_turns == 7  # the flag wins over the block
         assert settings.model == "claude-haiku-4-5"  # the block wins over the default
@@ -568,7 +569,7 @@ class TestBlocks:
             exclude={"max_turns", "model"}
         )
         assert env == {"ANTHROPIC_API_KEY": key}
-        settings, _ = resolve_settings(None, name)
+        settings = resolve_settings(None, name).settings
         assert (settings.max_turns, settings.model) == (2, "claude-haiku-4-5")
 
     @pytest.mark.usefixtures("prefect_client_settings")

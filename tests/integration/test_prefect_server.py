@@ -29,13 +29,13 @@ from claudecluster.prefect_server import (
     LOG_FILE_NAME,
     STATE_FILE_NAME,
     ServerInfo,
-    claudecluster_home,
     ensure_server,
     flow_run_url,
     server_status,
     stop_server,
     using_server,
 )
+from claudecluster.workspace import claudecluster_home
 
 pytestmark = [pytest.mark.prefect_server, pytest.mark.slow]
 

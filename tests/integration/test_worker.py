@@ -10,8 +10,15 @@ from pathlib import Path
 
 import pytest
 
-from claudecluster.models import FailureReason, TaskResult, TaskSpec, TaskStatus, WorkerSettings
-from claudecluster.session import MARKER_VAR
+from claudecluster.models import (
+    FailureReason,
+    TaskResult,
+    TaskSpec,
+    TaskStatus,
+    WorkerSettings,
+    WorkUnit,
+)
+from claudecluster.session import MARKER_VAR, SessionHost
 from claudecluster.testing import Script, ScriptedModelServer, api_error, hang, text, tool_use
 from claudecluster.worker import execute_task
 from tests.conftest import git, snapshot
@@ -29,18 +36,16 @@ def run(
     verify: str | None = VERIFY,
     log: Callable[[str], None] | None = None,
 ) -> TaskResult:
-    return asyncio.run(
-        execute_task(
-            repo,
-            "HEAD",
-            spec,
-            settings or WorkerSettings(),
-            "run-test",
-            verify=verify,
-            worktree_root=worktree_root,
-            log=log,
-        )
+    unit = WorkUnit(
+        run_id="run-test",
+        spec=spec,
+        repo=str(repo),
+        base_commit="HEAD",
+        verify=verify,
+        settings=settings or WorkerSettings(),
+        worktree_root=str(worktree_root),
     )
+    return asyncio.run(execute_task(unit, host=SessionHost(log=log) if log else None))
 
 
 def edit_two_files(marker: str) -> Script:

@@ -34,6 +34,7 @@ class TestPublicApi:
                 "TestReport",
                 "TokenUsage",
                 "UsageError",
+                "WorkUnit",
                 "WorkerSettings",
                 "__version__",
                 "execute_task",

@@ -9,9 +9,9 @@ from contextlib import ExitStack, nullcontext
 
 import pytest
 
-from claudecluster import limits
+from claudecluster import places
 from claudecluster.errors import StartRefusedError
-from claudecluster.limits import RunSessions, StartPermits
+from claudecluster.places import RunSessions, StartPermits
 
 
 class CountingPermits:
@@ -131,10 +131,10 @@ class TestPlaces:
     ) -> None:
         taken: list[object] = []
         monkeypatch.setattr(
-            limits, "run_slots", lambda n: taken.append(("slots", n)) or nullcontext()
+            places, "run_slots", lambda n: taken.append(("slots", n)) or nullcontext()
         )
         monkeypatch.setattr(
-            limits,
+            places,
             "StartPermits",
             lambda reserve, expected: taken.append(("permits", reserve, expected)) or FakeReserve(),
         )

@@ -101,7 +101,8 @@ def _install_sdk_timers() -> None:
 
 def install() -> None:
     # Start-up: finding the server, the flow's first steps, the run's limits.
-    from claudecluster import api, dispatch, gitops, limits
+    from claudecluster import api, dispatch, gitops, places
+    from claudecluster import session as session_mod
     from claudecluster import worker as core_worker
     from claudecluster.flows import goal as goal_flow_mod
     from claudecluster.tasks import integrate as integrate_task_mod
@@ -109,20 +110,20 @@ def install() -> None:
 
     _wrap_sync(api, "connect", "connect")
     _wrap_sync(goal_flow_mod, "validate_plan", "flow_body_start")
-    _wrap_sync(limits, "current_limits", "read_limits")
-    _wrap_sync(limits.StartPermits, "__init__", "first_permits")
+    _wrap_sync(places, "current_limits", "read_limits")
+    _wrap_sync(places.StartPermits, "__init__", "first_permits")
 
     # Driver side: when a task is submitted to the thread-pool task runner / seen finished.
-    _wrap_sync(dispatch, "_start", "submit", lambda a, k: a[0].id)
+    _wrap_sync(dispatch._Dispatcher, "_start", "submit", lambda a, k: a[1].id)
     _wrap_sync(dispatch, "_result_of", "observed", lambda a, k: a[1].id)
     _wrap_sync(goal_flow_mod, "run_tasks", "run_tasks")
     _wrap_sync(goal_flow_mod, "publish_run_artifacts", "run_artifacts")
     _wrap_sync(integrate_task_mod, "integrate", "integrate")
     # Worker side (inside the Prefect task run).
     _wrap_sync(gitops, "combine_branches", "combine", lambda a, k: k["name"][: -len("-base")])
-    _wrap_async(task_worker, "execute_task", "execute", lambda a, k: a[2].id, sets_task=True)
+    _wrap_async(task_worker, "execute_task", "execute", lambda a, k: a[0].spec.id, sets_task=True)
     _wrap_async(task_worker, "publish_task_artifacts", "task_artifacts", lambda a, k: a[0].id)
-    _wrap_async(core_worker, "run_session", "session", before=_install_sdk_timers)
+    _wrap_async(session_mod, "run_session", "session", before=_install_sdk_timers)
     _wrap_sync(core_worker, "run_verify", "verify")
     for name, phase in (
         ("add_worktree", "worktree_add"),
@@ -134,9 +135,9 @@ def install() -> None:
         _wrap_sync(gitops, name, phase)
 
     # Waiting for a session place (and start permit, or the server's slots): the context
-    # managers the worker task holds around a session, timed from entry to the body.
-    for name in ("run_session", "session_slot", "start_slot"):
-        _time_entry(task_worker, name, "slot_wait")
+    # managers a session holds, timed from entry to the body.
+    _time_entry(dispatch, "session_place", "slot_wait")
+    _time_entry(task_worker, "session_slot", "slot_wait")
 
 
 def _time_entry(module: Any, name: str, phase: str) -> None:

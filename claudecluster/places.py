@@ -21,15 +21,10 @@ from contextlib import ExitStack, asynccontextmanager
 
 import anyio.to_thread
 
+from claudecluster.budget import GoalBudget
 from claudecluster.concurrency import acquire_starts, current_limits, run_slots
 from claudecluster.errors import StartRefusedError
-
-
-def budget_spent(budget_usd: float, spent_usd: float) -> str:
-    """Why a task did not start: its goal's budget is spent."""
-    return (
-        f"not started: the goal's budget of ${budget_usd:.2f} was spent (${spent_usd:.4f} so far)"
-    )
+from claudecluster.session import Stop
 
 
 class StartPermits:
@@ -124,16 +119,20 @@ class StartPermits:
 
 
 class RunSessions:
-    """The sessions of one local run: at most ``width`` at once, each with a start permit.
+    """The sessions of one run: at most ``width`` at once, within the goal's budget.
 
-    The run holds ``width`` slots of the cluster-wide session limit for its whole length and
-    shares them here. Its dispatcher submits more tasks than that, so the next tasks set up
-    their worktrees while sessions run and start the moment a place frees up; work before
-    and after a session (worktree, commit, diff, artifacts) is then off the critical path.
+    A local run holds ``width`` slots of the cluster-wide session limit for its whole length
+    and shares them here, each local session with a start permit. Its dispatcher submits
+    more tasks than that, so the next tasks set up their worktrees while sessions run and
+    start the moment a place frees up; work before and after a session (worktree, commit,
+    diff, artifacts) is then off the critical path. Tasks on other pools claim a place too
+    (:meth:`claim`), so the width and the budget hold across pools.
 
-    No session starts before :meth:`acquire` has taken the run's slots and first start
-    permits. Places go out in the order the dispatcher submitted the tasks (:meth:`queue`),
-    so sessions start in plan order whatever order their set-up finishes in.
+    No local session starts before :meth:`acquire` has taken the run's slots and first
+    start permits. Places go out in the order the dispatcher submitted the tasks
+    (:meth:`queue`), so sessions start in plan order whatever order their set-up finishes
+    in. With a :class:`~claudecluster.budget.GoalBudget`, a session also waits until the
+    budget admits it, and running sessions are stopped at their next turn once it is spent.
     """
 
     def __init__(
@@ -142,15 +141,13 @@ class RunSessions:
         *,
         starts: int,
         start_burst: int,
-        budget_usd: float | None = None,
-        spent_usd: float = 0.0,
+        budget: GoalBudget | None = None,
     ) -> None:
         self.width = width
         self.permits: StartPermits | None = None
-        self.budget_usd = budget_usd
-        self.spent_usd = spent_usd
+        self.budget = budget
         self._starts, self._start_burst, self._forgone = starts, start_burst, 0
-        self._active = 0
+        self._holding: set[str] = set()  # tasks holding a place now
         self._queue: list[str] = []  # tasks submitted and not yet given a place, in order
         self._refusal: str | None = None
         self._refusal_reason = ""
@@ -160,7 +157,9 @@ class RunSessions:
 
     def acquire(self, held: ExitStack) -> None:
         """Take the run's session slots (held until ``held`` closes) and its first start
-        permits; then sessions may start."""
+        permits; then local sessions may start."""
+        if self._starts <= 0:
+            return  # no local sessions: every session takes its own slot on its pool
         held.enter_context(run_slots(self.width))
         with self._changed:
             expected = self._starts - self._forgone
@@ -191,7 +190,7 @@ class RunSessions:
                 self._changed.notify_all()
 
     def enter(self, task_id: str) -> None:
-        """Wait for ``task_id``'s turn and a free place, then take a start permit.
+        """Wait for ``task_id``'s turn, a free place and the budget, then take a start permit.
 
         Raises StartRefusedError once the run has stopped starting sessions. A task asking
         again (a retry) joins the back of the queue.
@@ -199,55 +198,99 @@ class RunSessions:
         with self._changed:
             if task_id not in self._queue:
                 self._queue.append(task_id)
-            while self._refusal is None and (
-                self.permits is None or self._active >= self.width or self._queue[0] != task_id
+            while self._refusal is None and not (
+                self.permits is not None
+                and self._queue[0] == task_id
+                and self._free_place_for_budget()
             ):
                 self._changed.wait()
             self._queue.remove(task_id)
             self._changed.notify_all()
             if self._refusal is not None:
                 raise StartRefusedError(self._refusal, failure_reason=self._refusal_reason)
-            self._active += 1
+            self._take_place(task_id)
             permits = self.permits
         try:
             assert permits is not None
             permits.take()
         except BaseException:
-            self.leave()
+            self.leave(task_id)
             raise
 
-    def claim(self) -> bool:
-        """Take a place now if one is free, without a permit (for a session on another pool,
-        which takes its own start slot there)."""
+    def claim(self, task_id: str) -> bool:
+        """Take a place now if one is free and the budget admits it, without a permit (for a
+        session on another pool, which takes its own start slot there)."""
         with self._changed:
-            if self._active >= self.width or self._refusal is not None:
+            if self._refusal is not None or not self._free_place_for_budget():
                 return False
-            self._active += 1
+            self._take_place(task_id)
             return True
 
-    def leave(self) -> None:
+    def turn(self, task_id: str, cost_usd: float) -> Stop | None:
+        """A running session's spend so far; a stop once the goal's budget is spent."""
         with self._changed:
-            self._active -= 1
-            self._changed.notify_all()
+            if self.budget is None:
+                return None
+            stop = self.budget.turn(task_id, cost_usd)
+            if stop is not None:
+                self._refuse(self.budget.refusal(), "goal_budget")
+            return stop
 
-    def spend(self, usd: float) -> None:
-        """A session of the run cost ``usd``; once the budget is spent, none starts again.
+    def spend(self, task_id: str, usd: float) -> None:
+        """``task_id``'s session ended, having cost ``usd``.
 
         Sessions report their cost as they end, before giving their place up, so a task
         waiting for the place never starts on a budget that is already gone.
         """
         with self._changed:
-            self.spent_usd += usd
+            if self.budget is not None:
+                self.budget.finish(task_id, usd)
             self._check_budget()
+            self._changed.notify_all()
 
-    def stop(self, message: str) -> None:
+    def leave(self, task_id: str) -> None:
+        """``task_id`` gives its place up."""
+        with self._changed:
+            self._holding.discard(task_id)
+            if self.budget is not None:
+                self.budget.drop(task_id)  # if it ended before it could say its cost
+            self._check_budget()
+            self._changed.notify_all()
+
+    def stop(self, message: str, failure_reason: str = "run_stopped") -> None:
         """Start no further session (the run is ending early); running ones carry on."""
         with self._changed:
-            self._refuse(message, "run_stopped")
+            self._refuse(message, failure_reason)
+
+    @property
+    def refusal(self) -> tuple[str, str] | None:
+        """Why no session starts any more (message, failure reason), or None."""
+        with self._changed:
+            return (self._refusal, self._refusal_reason) if self._refusal else None
+
+    def holds_place(self, task_id: str) -> bool:
+        """True while ``task_id`` holds a place (its session is starting or running)."""
+        with self._changed:
+            return task_id in self._holding
+
+    def account(self, usd: float) -> None:
+        """Spend paid outside this run's sessions (work reused from an earlier attempt)."""
+        with self._changed:
+            if self.budget is not None:
+                self.budget.spent += usd
+            self._check_budget()
+
+    def _free_place_for_budget(self) -> bool:
+        return len(self._holding) < self.width and (self.budget is None or self.budget.admits())
+
+    def _take_place(self, task_id: str) -> None:
+        self._holding.add(task_id)
+        if self.budget is not None:
+            self.budget.start(task_id)
 
     def _check_budget(self) -> None:
-        if self.budget_usd is not None and self.spent_usd >= self.budget_usd:
-            self._refuse(budget_spent(self.budget_usd, self.spent_usd), "goal_budget")
+        if self.budget is not None and (self.budget.exhausted or self.budget.never_admits()):
+            self._refuse(self.budget.refusal(), "goal_budget")
 
     def _refuse(self, message: str, failure_reason: str) -> None:
         if self._refusal is None:
@@ -255,11 +298,25 @@ class RunSessions:
         self._changed.notify_all()
 
 
-@asynccontextmanager
-async def session_place(sessions: RunSessions, task_id: str) -> AsyncIterator[RunSessions]:
-    """Hold one of a local run's session places (and a start permit) while the block runs.
+class _Place:
+    """One session's place in a run: passes its spend to the run's budget."""
 
-    Yields the run's sessions, to be told what the session cost before the place is freed.
+    def __init__(self, sessions: RunSessions, task_id: str) -> None:
+        self.sessions, self.task_id = sessions, task_id
+
+    def turn(self, cost_usd: float) -> Stop | None:
+        return self.sessions.turn(self.task_id, cost_usd)
+
+    def spend(self, usd: float) -> None:
+        self.sessions.spend(self.task_id, usd)
+
+
+@asynccontextmanager
+async def session_place(sessions: RunSessions, task_id: str) -> AsyncIterator[_Place]:
+    """Hold one of a run's session places (and a start permit) while the block runs.
+
+    Yields the session's place, to be told its spend after every turn and its cost before
+    the place is freed.
     """
     entered = threading.Event()
 
@@ -270,27 +327,19 @@ async def session_place(sessions: RunSessions, task_id: str) -> AsyncIterator[Ru
     try:
         # Not abandoned on cancellation: the wait ends, and a place it took is given back.
         await anyio.to_thread.run_sync(enter)
-        yield sessions
+        yield _Place(sessions, task_id)
     finally:
         if entered.is_set():
-            sessions.leave()
+            sessions.leave(task_id)
 
 
-def open_run_sessions(
-    width: int, starts: int, *, budget_usd: float | None = None, spent_usd: float = 0.0
-) -> RunSessions | None:
-    """The session places of a local run with ``starts`` sessions (None when it has none).
+def open_run_sessions(width: int, starts: int, *, budget: GoalBudget | None = None) -> RunSessions:
+    """The session places of a run with ``starts`` local sessions (and any on other pools).
 
     The width is capped by the cluster-wide session limit. The cluster-wide slots and the
     first start permits are taken by :meth:`RunSessions.acquire`.
     """
-    if starts <= 0:
-        return None
     limits = current_limits()
     return RunSessions(
-        min(width, limits.sessions),
-        starts=starts,
-        start_burst=limits.start_burst,
-        budget_usd=budget_usd,
-        spent_usd=spent_usd,
+        min(width, limits.sessions), starts=starts, start_burst=limits.start_burst, budget=budget
     )

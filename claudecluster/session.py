@@ -16,7 +16,8 @@ It guarantees three things the CLI alone does not:
   as its own :class:`~claudecluster.models.FailureReason`;
 - cleanup: afterwards no process the session started is left running. Every process the CLI
   spawns inherits a marker variable, and anything still carrying it is killed, even children
-  that moved to their own process group or session.
+  that moved to their own process group or session; and if the process running sessions
+  dies, its reaper kills them all (:mod:`claudecluster.reaper`).
 """
 
 from __future__ import annotations
@@ -25,42 +26,53 @@ import dataclasses
 import importlib
 import logging
 import os
-import signal
 import sys
 import tempfile
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Mapping
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
+from contextlib import AbstractAsyncContextManager, aclosing, asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 import anyio
 from pydantic import BaseModel, Field
 
 from claudecluster.models import DeniedTool, FailureReason, TokenUsage, WorkerSettings
 from claudecluster.permissions import ToolPermissions
+from claudecluster.pricing import CostMeter
+from claudecluster.reaper import OWNER_VAR, SESSION_VAR, kill_marked, owner_token
 from claudecluster.redact import redact, redact_obj
 
 if TYPE_CHECKING:
     from claude_agent_sdk import ResultMessage
 
-MARKER_VAR = "CLAUDECLUSTER_SESSION_MARKER"
+MARKER_VAR = SESSION_VAR
 _LOG_SNIPPET = 400
 
 Logger = Callable[[str], None]
 
 
-class CostSink(Protocol):
-    """Told what a session cost as soon as it ends (a run's budget counts it at once)."""
-
-    def spend(self, usd: float) -> None: ...
+Stop = tuple[FailureReason, str]
+"""Why a running session must stop now: the failure reason and a sentence for the result."""
 
 
-SlotFactory = Callable[[], AbstractAsyncContextManager[CostSink | None]]
-"""What a session holds while it runs; what it yields (if anything) is told the cost."""
+class SessionWatch(Protocol):
+    """Follows one running session: hears its spend after every turn, and its final cost."""
+
+    def turn(self, cost_usd: float) -> Stop | None:
+        """The session's spend so far, after a turn; a Stop ends the session now."""
+        ...
+
+    def spend(self, usd: float) -> None:
+        """What the session cost in the end (told before its slot is freed)."""
+        ...
+
+
+SlotFactory = Callable[[], AbstractAsyncContextManager[SessionWatch | None]]
+"""What a session holds while it runs; what it yields (if anything) watches the session."""
 
 
 @asynccontextmanager
@@ -83,9 +95,14 @@ class SessionRequest:
 
 
 class SessionRunner(Protocol):
-    """Runs one session to its end; a session that ran and failed is an outcome, not an error."""
+    """Runs one session to its end; a session that ran and failed is an outcome, not an error.
 
-    async def __call__(self, request: SessionRequest, log: Logger) -> SessionOutcome: ...
+    ``watch`` hears the session's spend after every turn and may stop it there.
+    """
+
+    async def __call__(
+        self, request: SessionRequest, log: Logger, watch: SessionWatch | None = None
+    ) -> SessionOutcome: ...
 
 
 def _log_to_module_logger(line: str) -> None:
@@ -203,6 +220,8 @@ def session_env(config_dir: Path, marker: str, extra: dict[str, str] | None) -> 
     env = {
         "CLAUDE_CONFIG_DIR": str(config_dir),
         MARKER_VAR: marker,
+        # Its owner's reaper kills everything carrying this if the owner dies (reaper.py).
+        OWNER_VAR: owner_token(),
         # No auto-updater, telemetry or feedback surveys in unattended sessions.
         "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": os.environ.get(
             "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC", "1"
@@ -255,32 +274,22 @@ def _outcome_from_result(message: ResultMessage) -> SessionOutcome:
 
 
 async def run_session(
-    request: SessionRequest, log: Logger = _log_to_module_logger
+    request: SessionRequest,
+    log: Logger = _log_to_module_logger,
+    watch: SessionWatch | None = None,
 ) -> SessionOutcome:
     """Run one Claude Code session in ``request.cwd`` and report how it went.
 
     The real :class:`SessionRunner`. Never raises for a session that ran and failed:
     limits, API errors and crashes all come back as an outcome with ``ok=False`` and a
-    failure reason.
+    failure reason. A session that dies or is stopped reports what its usage so far cost.
     """
-    from claude_agent_sdk import (
-        AssistantMessage,
-        ClaudeAgentOptions,
-        ClaudeSDKError,
-        ResultError,
-        ResultMessage,
-        SystemMessage,
-        query,
-    )
+    from claude_agent_sdk import ClaudeAgentOptions, ClaudeSDKError, ResultError, query
 
-    emit = log
     settings, permissions = request.settings, request.permissions
-    output_format = request.output_format
     marker = uuid.uuid4().hex
     started = time.monotonic()
-    outcome: SessionOutcome | None = None
-    assistant_turns = 0
-    retries = fallbacks = 0
+    state = _SessionState(log, watch, marker)
     with tempfile.TemporaryDirectory(prefix="claudecluster-config-") as config_dir:
         options = ClaudeAgentOptions(
             cwd=str(request.cwd),
@@ -298,33 +307,26 @@ async def run_session(
                 if request.system_prompt_append
                 else {"type": "preset", "preset": "claude_code"}
             ),
-            output_format=output_format,
+            output_format=request.output_format,
             env=session_env(Path(config_dir), marker, dict(request.env)),
-            stderr=lambda line: emit(f"cli stderr: {_snippet(line)}"),
+            stderr=lambda line: log(f"cli stderr: {_snippet(line)}"),
         )
         try:
             with anyio.fail_after(settings.timeout_s):
-                async for message in query(prompt=request.prompt, options=options):
-                    for line in describe_message(message):
-                        emit(line)
-                    if isinstance(message, AssistantMessage):
-                        assistant_turns += 1
-                    elif isinstance(message, SystemMessage):
-                        retries += message.subtype == "api_retry"
-                        fallbacks += message.subtype == "model_fallback"
-                    elif isinstance(message, ResultMessage):
-                        outcome = _outcome_from_result(message)
+                stream = cast(
+                    AsyncGenerator[object, None], query(prompt=request.prompt, options=options)
+                )
+                async with aclosing(stream) as messages:
+                    async for message in messages:
+                        if state.handle(message):
+                            break  # stopped: the CLI is already killed
         except TimeoutError:
-            outcome = SessionOutcome(
-                ok=False,
-                failure_reason=FailureReason.TIMEOUT,
-                error=f"stopped at the {settings.timeout_s:g} s wall-clock timeout",
-                turns=assistant_turns,
-                session_id=outcome.session_id if outcome else None,
+            state.end(
+                FailureReason.TIMEOUT, f"stopped at the {settings.timeout_s:g} s wall-clock timeout"
             )
         except ResultError as exc:
-            if outcome is None:
-                outcome = SessionOutcome(
+            if state.outcome is None:
+                state.outcome = SessionOutcome(
                     ok=False,
                     subtype=exc.subtype,
                     failure_reason=_SUBTYPE_REASONS.get(exc.subtype or "")
@@ -332,69 +334,118 @@ async def run_session(
                     error=redact(exc.result or "; ".join(exc.errors) or str(exc)),
                     session_id=exc.session_id,
                     api_error_status=exc.api_error_status,
+                    cost_usd=state.meter.cost_usd,
+                    usage=state.meter.usage,
+                    turns=state.turns,
                 )
         except ClaudeSDKError as exc:
-            outcome = SessionOutcome(
-                ok=False,
-                failure_reason=FailureReason.SESSION_ERROR,
-                error=redact(f"Claude Code failed: {str(exc).strip()[:2000]}"),
-                turns=assistant_turns,
-            )
+            if state.stop is None:
+                state.end(
+                    FailureReason.SESSION_ERROR,
+                    redact(f"Claude Code failed: {str(exc).strip()[:2000]}"),
+                )
         finally:
             killed = kill_marked_processes(marker)
-            if killed:
-                emit(f"killed {killed} process(es) the session left running")
-    if outcome is None:
-        outcome = SessionOutcome(
-            ok=False,
-            failure_reason=FailureReason.SESSION_ERROR,
-            error="Claude Code exited without a result",
-            turns=assistant_turns,
-        )
-    if outcome.ok and output_format is not None and outcome.structured_output is None:
+            if killed and state.stop is None:
+                log(f"killed {killed} process(es) the session left running")
+    outcome = state.result()
+    if outcome.ok and request.output_format is not None and outcome.structured_output is None:
         outcome.ok = False
         outcome.failure_reason = FailureReason.SESSION_ERROR
         outcome.error = "the session ended without returning the requested structured output"
     outcome.duration_s = round(time.monotonic() - started, 3)
-    outcome.api_retries = retries
-    outcome.model_fallbacks = fallbacks
     return outcome
 
 
-def marked_pids(marker: str) -> list[int]:
-    """Pids of live processes whose environment carries ``marker``."""
-    needle = f"{MARKER_VAR}={marker}".encode()
-    pids: list[int] = []
-    proc = Path("/proc")
-    if not proc.is_dir():
-        return pids
-    for entry in proc.iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            environ = (entry / "environ").read_bytes()
-        except OSError:
-            continue
-        if needle in environ.split(b"\0"):
-            pids.append(int(entry.name))
-    return pids
+class _SessionState:
+    """What one running session has shown so far, and how it ended."""
+
+    def __init__(self, log: Logger, watch: SessionWatch | None, marker: str) -> None:
+        self.log, self.watch, self.marker = log, watch, marker
+        self.meter = CostMeter()
+        self.turns = self.retries = self.fallbacks = 0
+        self.session_id: str | None = None
+        self.outcome: SessionOutcome | None = None
+        self.stop: Stop | None = None
+
+    def handle(self, message: object) -> bool:
+        """Log and count one message; True when the session must stop now."""
+        from claude_agent_sdk import AssistantMessage, ResultMessage, SystemMessage, ToolUseBlock
+
+        for line in describe_message(message):
+            self.log(line)
+        if isinstance(message, AssistantMessage):
+            self.turns += 1
+            self.session_id = message.session_id or self.session_id
+            self.meter.add(message.message_id, message.model, message.usage)
+            stop = self.watch.turn(self.meter.cost_usd) if self.watch is not None else None
+            # A message that calls no tool ends the session: there is no next turn to stop.
+            if stop is not None and any(isinstance(b, ToolUseBlock) for b in message.content):
+                return self._stop_now(stop)
+        elif isinstance(message, SystemMessage):
+            self.retries += message.subtype == "api_retry"
+            self.fallbacks += message.subtype == "model_fallback"
+            if message.subtype == "api_retry" and (unreachable := _unreachable(message.data)):
+                return self._stop_now((FailureReason.API_UNREACHABLE, unreachable))
+        elif isinstance(message, ResultMessage):
+            self.outcome = _outcome_from_result(message)
+        return False
+
+    def _stop_now(self, stop: Stop) -> bool:
+        # Killed before the SDK closes the stream: otherwise it waits for the CLI to exit
+        # on its own, which it does not do with a request in flight.
+        self.stop = stop
+        kill_marked_processes(self.marker)
+        self.log(f"stopped the session: {stop[1]}")
+        self.end(*stop)
+        return True
+
+    def end(self, reason: FailureReason, error: str) -> None:
+        """The session ended without a result of its own (stopped, timed out, crashed)."""
+        self.outcome = SessionOutcome(
+            ok=False,
+            failure_reason=reason,
+            error=error,
+            turns=self.turns,
+            cost_usd=self.meter.cost_usd,
+            usage=self.meter.usage,
+            session_id=self.outcome.session_id if self.outcome else self.session_id,
+        )
+
+    def result(self) -> SessionOutcome:
+        outcome = self.outcome or SessionOutcome(
+            ok=False,
+            failure_reason=FailureReason.SESSION_ERROR,
+            error="Claude Code exited without a result",
+            turns=self.turns,
+            cost_usd=self.meter.cost_usd,
+            usage=self.meter.usage,
+        )
+        outcome.api_retries = self.retries
+        outcome.model_fallbacks = self.fallbacks
+        return outcome
+
+
+def _unreachable(data: Mapping[str, Any]) -> str | None:
+    """Why the model API cannot be reached at all, from an ``api_retry`` message, or None.
+
+    Retries of HTTP answers (429, 529, 5xx) are Claude Code's business; a retry with no
+    HTTP status at all means nothing answered (connection refused, unknown host), which
+    retrying with backoff for minutes would not change.
+    """
+    if data.get("error_status") is not None:
+        return None
+    detail = str(data.get("error") or "")
+    known = f" ({detail})" if detail and detail != "unknown" else ""
+    return redact(
+        "model API unreachable: no HTTP answer at all (connection refused, or unknown host)"
+        f"{known}; check ANTHROPIC_BASE_URL and the network"
+    )[:500]
 
 
 def kill_marked_processes(marker: str) -> int:
-    """SIGKILL every process carrying ``marker``; returns how many were killed."""
-    killed = 0
-    for _ in range(3):  # a dying parent may fork once more; a few passes catch stragglers
-        pids = [pid for pid in marked_pids(marker) if pid != os.getpid()]
-        if not pids:
-            break
-        for pid in pids:
-            try:
-                os.kill(pid, signal.SIGKILL)
-                killed += 1
-            except (ProcessLookupError, PermissionError):
-                pass
-        time.sleep(0.05)
-    return killed
+    """SIGKILL every process of the session ``marker``; returns how many were killed."""
+    return kill_marked(MARKER_VAR, marker)
 
 
 @dataclass(frozen=True)
@@ -416,16 +467,36 @@ class SessionHost:
         """This host, logging to ``log``."""
         return dataclasses.replace(self, log=log)
 
-    async def run(self, request: SessionRequest) -> SessionOutcome:
-        """Run ``request`` holding the slot; the slot hears the cost before it is freed.
+    async def run(
+        self, request: SessionRequest, watch: SessionWatch | None = None
+    ) -> SessionOutcome:
+        """Run ``request`` holding the slot; the slot's watch and ``watch`` follow it.
 
-        Errors taking the slot (the run stopped starting sessions, a missing limit) are
-        raised before any session starts.
+        Both hear the spend after every turn (either may stop the session) and its final
+        cost, before the slot is freed. Errors taking the slot (the run stopped starting
+        sessions, a missing limit) are raised before any session starts.
         """
         if self.env:
             request = dataclasses.replace(request, env={**self.env, **request.env})
         async with self.slot() as place:
-            outcome = await (self.runner or run_session)(request, self.log)
-            if place is not None:
-                place.spend(outcome.cost_usd)
+            watches = [w for w in (place, watch) if w is not None]
+            combined = _Watches(watches) if watches else None
+            outcome = await (self.runner or run_session)(request, self.log, combined)
+            if combined is not None:
+                combined.spend(outcome.cost_usd)
         return outcome
+
+
+class _Watches:
+    """Several watches as one: every one hears every turn; the first Stop wins."""
+
+    def __init__(self, watches: list[SessionWatch]) -> None:
+        self.watches = watches
+
+    def turn(self, cost_usd: float) -> Stop | None:
+        stops = [watch.turn(cost_usd) for watch in self.watches]
+        return next((stop for stop in stops if stop is not None), None)
+
+    def spend(self, usd: float) -> None:
+        for watch in self.watches:
+            watch.spend(usd)

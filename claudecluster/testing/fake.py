@@ -19,7 +19,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from claudecluster.models import FailureReason, TokenUsage
-from claudecluster.session import Logger, SessionOutcome, SessionRequest
+from claudecluster.session import Logger, SessionOutcome, SessionRequest, SessionWatch
 
 Handler = Callable[[SessionRequest], SessionOutcome | Awaitable[SessionOutcome | None] | None]
 
@@ -54,17 +54,29 @@ def writes(request: SessionRequest, files: dict[str, str], **fields: Any) -> Ses
 class FakeRunner:
     """A :class:`~claudecluster.session.SessionRunner` whose sessions a handler plays.
 
-    Without a handler every session finishes at once and changes nothing.
+    Without a handler every session finishes at once and changes nothing. The session's
+    cost is reported to the watch turn by turn, in equal parts; a watch that stops the
+    session ends it there (unless it was the last turn), as the real runner does.
     """
 
     def __init__(self, handler: Handler | None = None) -> None:
         self.handler = handler
         self.requests: list[SessionRequest] = []
 
-    async def __call__(self, request: SessionRequest, log: Logger) -> SessionOutcome:
+    async def __call__(
+        self, request: SessionRequest, log: Logger, watch: SessionWatch | None = None
+    ) -> SessionOutcome:
         self.requests.append(request)
         log(f"fake session in {request.cwd}")
-        outcome = self.handler(request) if self.handler else None
-        if inspect.isawaitable(outcome):
-            outcome = await outcome
-        return outcome if isinstance(outcome, SessionOutcome) else finished()
+        played = self.handler(request) if self.handler else None
+        if inspect.isawaitable(played):
+            played = await played
+        outcome = played if isinstance(played, SessionOutcome) else finished()
+        turns = max(1, outcome.turns)
+        for turn in range(1, turns + 1):
+            spent = round(outcome.cost_usd * turn / turns, 6)
+            stop = watch.turn(spent) if watch is not None else None
+            if stop is not None and turn < turns:  # the last turn has no next to stop
+                log(f"stopped the session: {stop[1]}")
+                return stopped(stop[0], stop[1], turns=turn, cost_usd=spent)
+        return outcome

@@ -17,6 +17,8 @@ from claudecluster import prefect_server
 from claudecluster.checks import (
     check_goal,
     check_limits,
+    check_model_api,
+    check_parameter_size,
     default_parallelism,
     prepare_plan,
     require_credentials,
@@ -67,6 +69,7 @@ def run_goal(
     repo_block: str | None = None,
     budget_usd: float | None = None,
     announce: Callable[[str], None] | None = None,
+    on_interrupted: Callable[[RunReport], None] | None = None,
 ) -> RunReport:
     """Run a goal end to end (plan, workers, merge, verify, report) and return its report.
 
@@ -78,6 +81,11 @@ def run_goal(
     ``PREFECT_API_URL`` when set, else the local ClaudeCluster Prefect server (started on
     first use), or Prefect's throwaway backend with ``ephemeral=True``; ``announce`` is told
     when that server has to be started (it takes a few seconds).
+
+    If the Prefect server stops answering, the run starts nothing new, lets running sessions
+    commit and stops; ``on_interrupted`` is then called (from another thread) with the
+    report as soon as it is written, without waiting for Prefect's client to give up. The
+    report (``interrupted``) says how to finish the run with ``claudecluster resume``.
 
     Bad input raises a UsageError before anything is started or changed.
     """
@@ -96,15 +104,23 @@ def run_goal(
         plan = prepare_plan(target.root, plan=plan, plan_file=None, max_tasks=max_tasks)
     goal_text = goal if goal and goal.strip() else (plan.goal if plan else None)
     goal_text = check_goal(goal_text or "")
-    if settings_block is None:
+    check_parameter_size(
+        "this goal",
+        {"goal": goal_text, "plan": plan.model_dump(mode="json") if plan else None},
+    )
+    if settings_block is None:  # else the block has the credentials and the endpoint
         require_credentials()
+        check_model_api()
     server = connect(ephemeral=ephemeral, announce=announce)
+    from claudecluster.preflight import check_server_side
+
     check_server_side(
         plan, pool=pool, repo=repo, repo_block=repo_block, settings_block=settings_block
     )
     from claudecluster.flows.goal import goal_flow
 
-    with hosted_here():
+    run_id = run_id or new_run_id()
+    with hosted_here(), interruptions(run_id, on_interrupted) as interrupted:
         state = goal_flow(
             goal=goal_text,
             repo=str(repo) if repo is not None else None,
@@ -114,7 +130,7 @@ def run_goal(
             max_tasks=max_tasks,
             settings=settings,
             base_commit=base,
-            run_id=run_id or new_run_id(),
+            run_id=run_id,
             worktree_root=str(worktree_root) if worktree_root else None,
             pool=pool,
             settings_block=settings_block,
@@ -122,27 +138,75 @@ def run_goal(
             budget_usd=budget_usd,
             return_state=True,
         )
-    return _report_of(state, server)
+    return interrupted.report or _report_of(state, server)
 
 
-def check_server_side(
-    plan: Plan | None,
-    *,
-    pool: str | None,
-    repo: str | Path | None,
-    repo_block: str | None,
-    settings_block: str | None,
-) -> None:
-    """What needs the server, checked before a flow run exists: the blocks and the pools."""
-    from claudecluster.blocks.repository import load_target
-    from claudecluster.blocks.settings import load_settings_block
-    from claudecluster.plan import pools_in
-    from claudecluster.pools import check_reachable, worker_deployments
+class _Interruption:
+    """The report of a run whose server was lost, once the flow has written it."""
 
-    location = load_target(repo_block).location if repo_block else str(repo)
-    if settings_block:
-        load_settings_block(settings_block)
-    check_reachable(worker_deployments(pools_in(plan, pool)), repo_is_url=is_remote(location))
+    report: RunReport | None = None
+
+
+@contextmanager
+def interruptions(
+    run_id: str, on_interrupted: Callable[[RunReport], None] | None
+) -> Iterator[_Interruption]:
+    """Watch the run's Prefect server while the block runs; when it is lost, wait for the
+    run's report in its journal and hand it to ``on_interrupted``.
+
+    Inside the block, a flow call that fails because the server is gone is not an error:
+    the block ends normally and the interruption carries the journal's report.
+    """
+    import threading
+    import time
+
+    from claudecluster.journal import RunJournal
+    from claudecluster.server_watch import current_watch
+
+    started = time.time()
+    interruption = _Interruption()
+    watch = current_watch()
+    if watch is None:
+        yield interruption
+        return
+    finished = threading.Event()
+
+    def wait_for_report() -> None:
+        journal = RunJournal(run_id)
+        while not finished.wait(0.25):
+            if (report := journal.report(newer_than=started)) is not None:
+                interruption.report = report
+                if on_interrupted is not None:
+                    on_interrupted(report)
+                return
+
+    def lost() -> None:
+        quiet_prefect_console()
+        threading.Thread(target=wait_for_report, daemon=True).start()
+
+    watch.on_lost(lost)
+    try:
+        yield interruption
+    except Exception:
+        if not watch.lost.is_set():
+            raise
+        interruption.report = RunJournal(run_id).report(newer_than=started)
+        if interruption.report is None:
+            raise
+    finally:
+        finished.set()
+
+
+def quiet_prefect_console() -> None:
+    """Stop Prefect's console logging: with its server gone it has only failures to say."""
+    import logging
+
+    # Prefect's API log worker writes its failures to stderr unless this is off.
+    logging.raiseExceptions = False
+    for name in [None, *logging.root.manager.loggerDict]:
+        if name is None or name.startswith("prefect"):
+            for handler in logging.getLogger(name).handlers:
+                handler.setLevel(logging.CRITICAL + 1)
 
 
 def run_sweep(
@@ -208,6 +272,7 @@ def connect(
 
     if FlowRunContext.get() is not None:
         return None  # already inside a flow run (e.g. a deployment): keep its backend
+    keep_results_at_home()
     if ephemeral:
         prefect_server.use_ephemeral()
         ensure_limits()
@@ -220,13 +285,38 @@ def connect(
     return info
 
 
+RESULT_STORAGE_VARS = (
+    "PREFECT_LOCAL_STORAGE_PATH",
+    "PREFECT_RESULTS_LOCAL_STORAGE_PATH",
+    "PREFECT_RESULTS_DEFAULT_STORAGE_BLOCK",
+    "PREFECT_DEFAULT_RESULT_STORAGE_BLOCK",
+)
+
+
+def keep_results_at_home() -> None:
+    """Persist Prefect results under the ClaudeCluster home, unless the user chose where.
+
+    Set before the process's Prefect settings are (re)built, which connecting does.
+    """
+    if not any(os.environ.get(name) for name in RESULT_STORAGE_VARS):
+        from claudecluster.workspace import results_root
+
+        os.environ["PREFECT_LOCAL_STORAGE_PATH"] = str(results_root())
+
+
 def resume_run(
-    run_id: str, *, ephemeral: bool = False, announce: Callable[[str], None] | None = None
+    run_id: str,
+    *,
+    ephemeral: bool = False,
+    announce: Callable[[str], None] | None = None,
+    on_interrupted: Callable[[RunReport], None] | None = None,
 ) -> RunReport:
     """Run ``run_id`` again with the same parameters: only what failed or never ran re-runs.
 
-    Completed workers come back from Prefect's cache (their persisted results), so their
-    sessions are not run or paid for again; their results are marked ``cached``.
+    Work that already finished is reused, not run or paid for again, whatever the Prefect
+    server recorded: from Prefect's cache (persisted results), from the run journal on this
+    machine, or from the trailers of the task branches' commits; such results are marked
+    ``cached``. A run left RUNNING by a driver that died is marked Crashed first.
     """
     server = connect(ephemeral=ephemeral, announce=announce)
     from prefect.client.orchestration import get_client
@@ -245,15 +335,51 @@ def resume_run(
             sort=FlowRunSort.EXPECTED_START_TIME_DESC,
             limit=1,
         )
-    if not runs:
-        raise UsageError(
-            f"no goal run named {run_id!r} on this Prefect server",
-            hint="Check the run id (it is the integration branch's middle part).",
-        )
+        if not runs:
+            raise UsageError(
+                f"no goal run named {run_id!r} on this Prefect server",
+                hint="Check the run id (it is the integration branch's middle part).",
+            )
+        crashed = mark_abandoned_crashed(client, runs[0])
+    if crashed and announce:
+        announce(f"marked {crashed} run(s) of {run_id} that a dead driver left running as Crashed")
     from claudecluster.flows.goal import goal_flow
 
     parameters = dict(runs[0].parameters)
     parameters["run_id"] = run_id
-    with hosted_here():
+    with hosted_here(), interruptions(run_id, on_interrupted) as interrupted:
         state = goal_flow(**parameters, return_state=True)
-    return _report_of(state, server)
+    return interrupted.report or _report_of(state, server)
+
+
+def mark_abandoned_crashed(client: Any, flow_run: Any) -> int:
+    """Mark a goal run that is not final, and its task runs that are not, as Crashed.
+
+    Only its driver moves a goal run on; a resume means that driver is gone (killed, or
+    cut off from the server), so whatever it left running never will end by itself.
+    Returns how many runs were marked.
+    """
+    from prefect.client.schemas.filters import (
+        FlowRunFilter,
+        FlowRunFilterId,
+        TaskRunFilter,
+        TaskRunFilterState,
+        TaskRunFilterStateType,
+    )
+    from prefect.client.schemas.objects import StateType
+    from prefect.states import Crashed
+
+    if flow_run.state is None or flow_run.state.is_final():
+        return 0
+    message = "its driver died; found and marked by `claudecluster resume`"
+    not_final = [StateType.SCHEDULED, StateType.PENDING, StateType.RUNNING, StateType.PAUSED]
+    task_runs = client.read_task_runs(
+        flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run.id])),
+        task_run_filter=TaskRunFilter(
+            state=TaskRunFilterState(type=TaskRunFilterStateType(any_=not_final))
+        ),
+    )
+    for task_run in task_runs:
+        client.set_task_run_state(task_run.id, Crashed(message=message), force=True)
+    client.set_flow_run_state(flow_run.id, Crashed(message=message), force=True)
+    return 1 + len(task_runs)

@@ -4,12 +4,16 @@ A worktree left under ``<claudecluster home>/worktrees`` (kept with ``keep_workt
 left by a killed worker) is removed only when nothing in it is unique: its changes are all
 committed (the commits stay on their branch, which ``clean`` never deletes) and no process
 is working in it. Everything else is kept, and the report says why.
+
+Persisted results (``<home>/results``) and run journals (``<home>/runs``) older than a
+number of days go too (:func:`reclaim_old`): they only serve ``claudecluster resume``.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+import time
 from pathlib import Path
 
 import git
@@ -32,6 +36,10 @@ class CleanReport(StrictModel):
     removed: list[str] = Field(default_factory=list, description="Worktrees removed.")
     kept: list[KeptWorktree] = Field(default_factory=list, description="Worktrees kept.")
     bytes_freed: int = Field(default=0, description="Disk space reclaimed, in bytes.")
+    results_removed: int = Field(default=0, description="Persisted result files removed.")
+    journals_removed: list[str] = Field(
+        default_factory=list, description="Run journals removed (by run id)."
+    )
 
 
 def _size(path: Path) -> int:
@@ -98,4 +106,26 @@ def clean(root: Path, *, dry_run: bool = False) -> CleanReport:
         for run_dir in root.glob("*") if root.is_dir() else []:
             if run_dir.is_dir() and not any(run_dir.iterdir()):
                 run_dir.rmdir()
+    return report
+
+
+def reclaim_old(
+    results: Path, runs: Path, *, older_than_days: float, dry_run: bool = False
+) -> CleanReport:
+    """Remove result files and run journals untouched for ``older_than_days``."""
+    report = CleanReport()
+    cutoff = time.time() - older_than_days * 86_400
+    for path in sorted(results.rglob("*")) if results.is_dir() else []:
+        if path.is_file() and path.stat().st_mtime < cutoff:
+            report.results_removed += 1
+            report.bytes_freed += path.stat().st_size
+            if not dry_run:
+                path.unlink(missing_ok=True)
+    for journal in sorted(runs.iterdir()) if runs.is_dir() else []:
+        newest = max((p.stat().st_mtime for p in journal.rglob("*")), default=0.0)
+        if journal.is_dir() and newest < cutoff:
+            report.journals_removed.append(journal.name)
+            report.bytes_freed += _size(journal)
+            if not dry_run:
+                shutil.rmtree(journal, ignore_errors=True)
     return report

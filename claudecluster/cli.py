@@ -10,6 +10,7 @@ import argparse
 import os
 import sys
 from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,7 @@ KINDS = [kind.value for kind in TaskKind]
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
+EXIT_INTERRUPTED = 3
 
 
 def _positive_int(text: str) -> int:
@@ -38,6 +40,13 @@ def _positive_float(text: str) -> float:
     value = float(text)
     if value <= 0:
         raise argparse.ArgumentTypeError(f"must be greater than 0, got {value:g}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    value = float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value:g}")
     return value
 
 
@@ -139,6 +148,20 @@ def _announce(message: str) -> None:
     print(message, file=sys.stderr)
 
 
+def _interrupted(report: RunReport, *, as_json: bool) -> None:
+    """The run's Prefect server is gone: say so in one line (the report on stdout with
+    --json) and exit now, without waiting for Prefect's client to give up retrying."""
+    from claudecluster.journal import RunJournal
+
+    if as_json:
+        print(report.model_dump_json(indent=2))
+    where = RunJournal(report.run_id).path / "report.json"
+    print(f"claudecluster: {report.error} (report: {where})", file=sys.stderr)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(EXIT_INTERRUPTED)
+
+
 def _read_goal(args: argparse.Namespace) -> str | None:
     goal: str | None = args.goal
     if goal == "-":
@@ -167,6 +190,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         "repo_block": args.repo_block,
         "budget_usd": args.budget_usd,
         "announce": _announce,
+        "on_interrupted": partial(_interrupted, as_json=args.json),
     }
     if args.json or not sys.stderr.isatty():
         report = api.run_goal(goal, args.repo, **kwargs)
@@ -295,24 +319,35 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
 
 def _cmd_resume(args: argparse.Namespace) -> int:
 
-    report = api.resume_run(args.run_id, ephemeral=args.ephemeral, announce=_announce)
+    report = api.resume_run(
+        args.run_id,
+        ephemeral=args.ephemeral,
+        announce=_announce,
+        on_interrupted=partial(_interrupted, as_json=args.json),
+    )
     return _finish(report, as_json=args.json)
 
 
 def _cmd_clean(args: argparse.Namespace) -> int:
-    from claudecluster.clean import clean
-    from claudecluster.workspace import default_worktree_root
+    from claudecluster.clean import clean, reclaim_old
+    from claudecluster.journal import runs_root
+    from claudecluster.workspace import default_worktree_root, results_root
 
     root = Path(args.root) if args.root else default_worktree_root()
     report = clean(root, dry_run=args.dry_run)
+    old = reclaim_old(
+        results_root(), runs_root(), older_than_days=args.older_than, dry_run=args.dry_run
+    )
     verb = "would remove" if args.dry_run else "removed"
     for path in report.removed:
         print(f"{verb} {path}")
     for kept in report.kept:
         print(f"kept {kept.path}: {kept.reason}")
     print(
-        f"{verb} {len(report.removed)} worktree(s), {report.bytes_freed / 1e6:.1f} MB; "
-        f"kept {len(report.kept)}. Branches are never deleted."
+        f"{verb} {len(report.removed)} worktree(s), {old.results_removed} result file(s) and "
+        f"{len(old.journals_removed)} run journal(s) older than {args.older_than:g} days, "
+        f"{(report.bytes_freed + old.bytes_freed) / 1e6:.1f} MB; kept {len(report.kept)} "
+        "worktree(s). Branches are never deleted."
     )
     return EXIT_OK
 
@@ -404,6 +439,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--verify", help="command that checks the work (overrides the plan's)")
     run.add_argument(
+        "-P",
         "--max-parallel",
         type=_positive_int,
         help=f"concurrent sessions (default {default_parallelism()} on this machine)",
@@ -440,7 +476,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--latency", type=float, default=0.2, help="seconds the scripted model takes per answer"
     )
-    demo.add_argument("--max-parallel", type=_positive_int, default=3, help="concurrent sessions")
+    demo.add_argument(
+        "-P", "--max-parallel", type=_positive_int, default=3, help="concurrent sessions"
+    )
     demo.add_argument("--model", help="model name the sessions report (priced by Claude Code)")
     demo.add_argument("--verbose", action="store_true", help="show Prefect's logs too")
     add_backend_options(demo)
@@ -463,7 +501,7 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--max-files", type=_positive_int, default=50, help="most files per run")
     sweep.add_argument("--kind", default=TaskKind.REFACTOR.value, choices=KINDS)
     sweep.add_argument("--verify", help="command that checks the work")
-    sweep.add_argument("--max-parallel", type=_positive_int, help="concurrent sessions")
+    sweep.add_argument("-P", "--max-parallel", type=_positive_int, help="concurrent sessions")
     sweep.add_argument("--pool", help="work pool for the tasks (default: local)")
     sweep.add_argument("--settings-block", help="ClaudeCodeSettings block to use")
     sweep.add_argument("--json", action="store_true", help="print the RunReport as JSON only")
@@ -486,6 +524,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     clean_cmd.add_argument("--dry-run", action="store_true", help="only say what would go")
     clean_cmd.add_argument("--root", help="worktree folder (default: ~/.claudecluster/worktrees)")
+    clean_cmd.add_argument(
+        "--older-than",
+        type=_non_negative_float,
+        default=7.0,
+        metavar="DAYS",
+        help="also remove persisted results and run journals untouched for DAYS (default 7); "
+        "they only serve `claudecluster resume`",
+    )
     clean_cmd.set_defaults(handler=_cmd_clean)
 
     setup_cmd = sub.add_parser(

@@ -5,7 +5,7 @@ whose width is ``max_parallel``, waiting for their dependencies' futures (which 
 graph's edges in the UI); tasks on other pools are started with ``run_deployment`` and
 awaited as ``PrefectFlowRunFuture``s. Either way a task travels as one
 :class:`~claudecluster.models.WorkUnit`, built by :meth:`RunContext.unit_for`. The loop
-reacts to completions with ``as_completed``. A task is submitted only once it can start (its
+reacts to the futures' completions. A task is submitted only once it can start (its
 dependencies are done and no running task holds a lease on overlapping paths), because a
 submitted task waiting on upstream futures would occupy a thread while it waits.
 
@@ -19,7 +19,11 @@ critical path. The places, start permits and budget check live in the run's
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Mapping
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from functools import partial
@@ -27,9 +31,11 @@ from functools import partial
 from prefect import get_run_logger
 from prefect.client.schemas.objects import FlowRun
 from prefect.deployments import run_deployment
-from prefect.futures import PrefectFlowRunFuture, PrefectFuture, as_completed
+from prefect.futures import PrefectFlowRunFuture, PrefectFuture
 from prefect.task_runners import ThreadPoolTaskRunner
 
+from claudecluster.budget import GoalBudget
+from claudecluster.journal import RunJournal
 from claudecluster.models import (
     Dependency,
     FailureReason,
@@ -39,7 +45,7 @@ from claudecluster.models import (
     WorkerSettings,
     WorkUnit,
 )
-from claudecluster.places import RunSessions, budget_spent, open_run_sessions, session_place
+from claudecluster.places import RunSessions, open_run_sessions, session_place
 from claudecluster.plan import (
     LOCAL_POOL,
     Plan,
@@ -50,6 +56,7 @@ from claudecluster.plan import (
 )
 from claudecluster.pools import PoolTarget
 from claudecluster.progress import RunProgress
+from claudecluster.server_watch import ServerWatch
 from claudecluster.session import SessionHost, SessionRunner
 from claudecluster.tasks.worker import worker_task
 
@@ -108,6 +115,10 @@ class RunContext:
     budget_usd: float | None = None
     session_env: Mapping[str, str] = field(default_factory=dict, repr=False)
     runner: SessionRunner | None = None
+    server_watch: ServerWatch | None = None
+    # Told the results once the server is lost and the running sessions have finished:
+    # the runner's threads may then wait minutes on Prefect's retries, the report need not.
+    on_drained: Callable[[dict[str, TaskResult]], None] | None = None
 
     def unit_for(
         self, spec: TaskSpec, plan: Plan, results: dict[str, TaskResult], *, shares_disk: bool
@@ -135,37 +146,46 @@ def run_tasks(plan: Plan, run: RunContext, progress: RunProgress) -> dict[str, T
     """Run every task of ``plan`` on its pool; return results by task id.
 
     ``run.repo`` is a path on this machine; pools whose workers share no disk with it get
-    ``run.repo_url`` instead (the repository's URL, or the run's served copy). Once the
-    cost spent so far (``progress.cost_usd``, the planner included) reaches
-    ``run.budget_usd``, no further task starts; running ones finish within their own caps.
+    ``run.repo_url`` instead (the repository's URL, or the run's served copy).
 
-    At most ``run.max_parallel`` sessions run at once. Local tasks are submitted up to that
-    many again ahead of a free place: they set up their worktrees while the sessions run
-    and start the moment one ends (see :class:`claudecluster.places.RunSessions`).
+    At most ``run.max_parallel`` sessions run at once, within the goal's budget (see
+    :mod:`claudecluster.budget`; what was spent before, the planner's session, is
+    ``progress.cost_usd``). Local tasks are submitted up to that many again ahead of a free
+    place: they set up their worktrees while the sessions run and start the moment one
+    ends (see :class:`claudecluster.places.RunSessions`). If the Prefect server stops
+    answering, nothing new starts, running sessions finish and commit, and their results
+    come from the run journal.
     """
     local_ids = {
         t.id
         for t in plan.tasks
         if pool_for(t, run_pool=run.pool, plan_pool=plan.pool) == LOCAL_POOL
     }
-    sessions = open_run_sessions(
-        run.max_parallel, len(local_ids), budget_usd=run.budget_usd, spent_usd=progress.cost_usd
+    budget = (
+        GoalBudget(
+            run.budget_usd,
+            spent_usd=progress.cost_usd,
+            session_cap_usd=run.settings.max_budget_usd,
+        )
+        if run.budget_usd is not None
+        else None
     )
-    width = sessions.width if sessions else run.max_parallel
-    ahead = width if sessions else 0  # local tasks set up while a place is busy
+    sessions = open_run_sessions(run.max_parallel, len(local_ids), budget=budget)
+    ahead = sessions.width if local_ids else 0  # local tasks set up while a place is busy
     runner: ThreadPoolTaskRunner[TaskResult]
     # The slots are released after the runner has joined its threads (exits run LIFO).
-    with ExitStack() as held, ThreadPoolTaskRunner(max_workers=width + ahead) as runner:
+    with ExitStack() as held, ThreadPoolTaskRunner(max_workers=sessions.width + ahead) as runner:
         dispatcher = _Dispatcher(plan, run, progress, runner, sessions, local_ids)
+        if run.server_watch is not None:
+            run.server_watch.on_lost(dispatcher.server_lost)
         try:
             # Before any task starts: taken alongside the tasks' start-up writes, these
             # server writes met a locked SQLite server (a 503, 2 s of back-off) often.
-            if sessions:
-                sessions.acquire(held)
-            return dispatcher.run(capacity=width + ahead)
+            sessions.acquire(held)
+            return dispatcher.run(capacity=sessions.width + ahead)
         except BaseException as exc:
-            if sessions:  # tasks waiting for a place must not start now
-                sessions.stop(f"not started: the run stopped ({type(exc).__name__})")
+            # Tasks waiting for a place must not start now.
+            sessions.stop(f"not started: the run stopped ({type(exc).__name__})")
             raise
 
 
@@ -178,7 +198,7 @@ class _Dispatcher:
         run: RunContext,
         progress: RunProgress,
         runner: ThreadPoolTaskRunner[TaskResult],
-        sessions: RunSessions | None,
+        sessions: RunSessions,
         local_ids: set[str],
     ) -> None:
         self.plan, self.run_context, self.progress = plan, run, progress
@@ -189,6 +209,10 @@ class _Dispatcher:
         self.running: list[str] = []
         self.results: dict[str, TaskResult] = {}
         self.claimed: set[str] = set()  # tasks on other pools holding one of the places
+        self.done: queue.Queue[str] = queue.Queue()  # task ids whose futures completed
+        self.lost = threading.Event()
+        self.journal = RunJournal(run.run_id)
+        self.started_at: dict[str, float] = {}
 
     def run(self, capacity: int) -> dict[str, TaskResult]:
         while self.pending or self.running:
@@ -198,47 +222,69 @@ class _Dispatcher:
             self._collect_one()
         return self.results
 
+    def server_lost(self) -> None:
+        """The Prefect server stopped answering: start nothing new (running ones finish)."""
+        self.lost.set()
+        self.sessions.stop(
+            "not started: the Prefect server stopped answering", FailureReason.SERVER_LOST
+        )
+
     def start_ready(self, capacity: int) -> None:
-        run, results = self.run_context, self.results
+        results = self.results
         for spec in list(self.pending):
             if len(self.running) >= capacity:
                 return
             if any(dep not in results for dep in spec.depends_on):
                 continue
             failed = [d for d in spec.depends_on if not results[d].status.ok]
-            spent = self.progress.cost_usd
-            if failed or (run.budget_usd is not None and spent >= run.budget_usd):
-                self.pending.remove(spec)
-                if self.sessions and spec.id in self.local_ids:
-                    self.sessions.forgo()
-                results[spec.id] = (
-                    _skipped(spec, run.base_commit, failed)
-                    if failed
-                    else _over_budget(spec, run, spent)
-                )
-                self.logger.warning("not starting %s: %s", spec.id, results[spec.id].error)
-                self.progress.finished(results[spec.id])
+            refusal = self.sessions.refusal
+            if failed or refusal:
+                self._not_started(spec, failed, refusal)
                 continue
             if holder := _holds_lease(self.plan, spec, self.running):
                 self.logger.info("%s waits: its paths overlap running task %s", spec.id, holder)
                 continue
-            if spec.id not in self.local_ids and self.sessions:
-                if not self.sessions.claim():
+            if spec.id not in self.local_ids:
+                if not self.sessions.claim(spec.id):
                     continue
                 self.claimed.add(spec.id)
             self.pending.remove(spec)
-            if self.sessions and spec.id in self.local_ids:
+            if spec.id in self.local_ids:
                 self.sessions.queue(spec.id)
-            self.futures[spec.id] = self._start(spec)
+            self.started_at[spec.id] = time.time()
+            future = self.futures[spec.id] = self._start(spec)
+            future.add_done_callback(partial(self._completed, spec.id))
             self.running.append(spec.id)
             self.progress.started(spec.id)
+
+    def _not_started(
+        self, spec: TaskSpec, failed: list[str], refusal: tuple[str, str] | None
+    ) -> None:
+        self.pending.remove(spec)
+        if spec.id in self.local_ids:
+            self.sessions.forgo()
+        if failed:
+            result = _skipped(spec, self.run_context.base_commit, failed)
+        else:
+            assert refusal is not None
+            message, reason = refusal
+            result = TaskResult.not_done(
+                spec,
+                self.run_context.base_commit,
+                status=TaskStatus.SKIPPED,
+                reason=FailureReason(reason),
+                error=message,
+            )
+        self.results[spec.id] = result
+        level = logging.INFO if self.lost.is_set() else logging.WARNING
+        self.logger.log(level, "not starting %s: %s", spec.id, result.error)
+        self.progress.finished(result)
 
     def _start(self, spec: TaskSpec) -> PrefectFuture[TaskResult]:
         """Start one task: a task run here, or a flow run on its pool."""
         run, plan = self.run_context, self.plan
         task_pool = pool_for(spec, run_pool=run.pool, plan_pool=plan.pool)
         if task_pool == LOCAL_POOL:
-            assert self.sessions is not None
             host = SessionHost(
                 runner=run.runner,
                 slot=partial(session_place, self.sessions, spec.id),
@@ -256,45 +302,111 @@ class _Dispatcher:
         self.logger.info("%s dispatched to pool %s", spec.id, task_pool)
         return dispatch_to_pool(target.deployment, unit)
 
+    def _completed(self, task_id: str, future: PrefectFuture[TaskResult]) -> None:
+        self.done.put(task_id)
+
     def _collect_one(self) -> None:
-        futures = self.futures
-        finished = next(as_completed([futures[task_id] for task_id in self.running]))
-        task_id = next(t for t in self.running if futures[t] is finished)
+        """Wait for one task to finish (or, once the server is lost, for them all)."""
+        while not self.lost.is_set():
+            try:
+                task_id = self.done.get(timeout=_POLL_S)
+            except queue.Empty:
+                continue
+            if task_id in self.running:
+                self._finished(task_id, self._result_of(task_id))
+                return
+        self._drain()
+
+    def _finished(self, task_id: str, result: TaskResult) -> None:
         self.running.remove(task_id)
-        result = _result_of(finished, self.plan.by_id()[task_id], self.run_context.base_commit)
         self.results[task_id] = result
-        if self.sessions and task_id in self.local_ids:
+        if task_id in self.local_ids:
             self.sessions.withdraw(task_id)  # if it never asked for its place
-        if task_id in self.claimed and self.sessions:
+            if result.cached:
+                self.sessions.account(result.cost_usd)  # paid before, by an earlier attempt
+        if task_id in self.claimed:
             self.claimed.discard(task_id)
-            self.sessions.spend(result.cost_usd)
-            self.sessions.leave()
+            self.sessions.spend(task_id, result.cost_usd)
+            self.sessions.leave(task_id)
+        if result.failure_reason is FailureReason.API_UNREACHABLE:
+            # Every other session would meet the same closed door.
+            self.sessions.stop(f"not started: {result.error}", FailureReason.API_UNREACHABLE)
         self.progress.finished(result)
 
+    def _result_of(self, task_id: str) -> TaskResult:
+        """A finished task's TaskResult; a crashed task run becomes an error result."""
+        future, spec = self.futures[task_id], self.plan.by_id()[task_id]
+        base = self.run_context.base_commit
+        try:
+            # A failed worker run still carries its TaskResult; only a crash carries none.
+            value = future.result(raise_on_failure=False)
+        except Exception as exc:
+            message = f"task run crashed: {type(exc).__name__}: {exc}"
+        else:
+            if isinstance(value, TaskResult):
+                if future.state.name == "Cached":
+                    value = value.model_copy(update={"cached": True})
+                return value
+            message = f"task run ended without a TaskResult: {value!r}"
+        journaled = self._journaled(task_id)
+        if journaled is not None:  # the work was done; only Prefect's record of it failed
+            return journaled
+        return TaskResult.not_done(
+            spec, base, status=TaskStatus.ERROR, reason=FailureReason.SESSION_ERROR, error=message
+        )
 
-def _over_budget(spec: TaskSpec, run: RunContext, spent: float) -> TaskResult:
-    return TaskResult.not_done(
-        spec,
-        run.base_commit,
-        status=TaskStatus.SKIPPED,
-        reason=FailureReason.GOAL_BUDGET,
-        error=budget_spent(run.budget_usd or 0.0, spent),
-    )
+    def _drain(self) -> None:
+        """The server is lost: let the sessions that hold a place finish and commit (their
+        results come from the journal); what never got a place will not start."""
+        self.logger.info("the Prefect server stopped answering: finishing running sessions")
+        deadline = time.monotonic() + _drain_limit_s(self.run_context.settings)
+        while self.running:
+            for task_id in list(self.running):
+                result = self._journaled(task_id) or self._unfinished(task_id, deadline)
+                if result is not None:
+                    self._finished(task_id, result)
+            if self.running:
+                time.sleep(_POLL_S)
+        for spec in list(self.pending):  # nothing more starts
+            self._not_started(spec, [], self.sessions.refusal)
+        if self.run_context.on_drained is not None:
+            self.run_context.on_drained(self.results)
+
+    def _journaled(self, task_id: str) -> TaskResult | None:
+        """The task's result from this run's journal, if the worker recorded it this run."""
+        started = self.started_at.get(task_id)
+        record = self.journal.result(task_id)
+        if record is None or started is None:
+            return None
+        result = record.result
+        recorded = result.attempts[-1].started_at.timestamp() if result.attempts else None
+        if not result.cached and (recorded is None or recorded < started):
+            return None  # an earlier attempt's, not this one's
+        return result
+
+    def _unfinished(self, task_id: str, deadline: float) -> TaskResult | None:
+        """A result for a task that will not report through the journal, or None to wait."""
+        spec = self.plan.by_id()[task_id]
+        holds_place = self.sessions.holds_place(task_id) and task_id not in self.claimed
+        if holds_place and time.monotonic() < deadline:
+            return None  # its session is running: it ends, commits and journals
+        where = (
+            "its result is with the Prefect server (it ran on a work pool)"
+            if task_id in self.claimed
+            else "it had not started its session"
+        )
+        return TaskResult.not_done(
+            spec,
+            self.run_context.base_commit,
+            status=TaskStatus.ERROR if task_id in self.claimed else TaskStatus.SKIPPED,
+            reason=FailureReason.SERVER_LOST,
+            error=f"the Prefect server stopped answering; {where}",
+        )
 
 
-def _result_of(future: PrefectFuture[TaskResult], spec: TaskSpec, base: str) -> TaskResult:
-    """A future's TaskResult; a crashed task run becomes an error result, not a crashed run."""
-    try:
-        # A failed worker run still carries its TaskResult; only a crash carries none.
-        value = future.result(raise_on_failure=False)
-    except Exception as exc:
-        message = f"task run crashed: {type(exc).__name__}: {exc}"
-    else:
-        if isinstance(value, TaskResult):
-            if future.state.name == "Cached":
-                value = value.model_copy(update={"cached": True})
-            return value
-        message = f"task run ended without a TaskResult: {value!r}"
-    return TaskResult.not_done(
-        spec, base, status=TaskStatus.ERROR, reason=FailureReason.SESSION_ERROR, error=message
-    )
+_POLL_S = 0.5
+
+
+def _drain_limit_s(settings: WorkerSettings) -> float:
+    """How long a running session may still take once the server is lost."""
+    return settings.timeout_s + settings.verify_timeout_s + 60

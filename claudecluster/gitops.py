@@ -126,6 +126,7 @@ class Worktree:
     path: Path
     branch: str
     base_commit: str
+    archived: str | None = None  # where an earlier attempt's work on the branch was kept
 
 
 def add_worktree(repo: git.Repo, path: Path, branch: str, base_commit: str) -> Worktree:
@@ -139,16 +140,17 @@ def add_worktree(repo: git.Repo, path: Path, branch: str, base_commit: str) -> W
     if path.exists() and (path / ".git").exists():
         with contextlib.suppress(GitError, git.GitError):
             commit_all(path, "Unfinished work of an interrupted attempt")
+    archived = None
     with worktree_lock(repo):
         if path.exists():
             _remove_worktree(repo, path)
         if branch_exists(repo, branch):
             if commits_ahead(repo, base_commit, branch):
-                _archive_branch(repo, branch)
+                archived = _archive_branch(repo, branch)
             else:
                 _git(repo, "branch", "-D", branch)
         _git(repo, "worktree", "add", "--quiet", "-b", branch, str(path), base_commit)
-    return Worktree(path=path, branch=branch, base_commit=base_commit)
+    return Worktree(path=path, branch=branch, base_commit=base_commit, archived=archived)
 
 
 ATTEMPTS_PREFIX = "claudecluster-attempts"
@@ -371,6 +373,25 @@ def _opened_until_removed(repo: git.Repo, path: Path) -> Iterator[git.Repo]:
     finally:
         worktree.close()
         remove_worktree(repo, path)
+
+
+def branch_head(repo: git.Repo, branch: str) -> str | None:
+    """The sha ``branch`` points at, or None when there is no such branch."""
+    try:
+        return str(repo.git.rev_parse("--verify", "--quiet", f"refs/heads/{branch}")).strip()
+    except GitCommandError:
+        return None
+
+
+def trailers(repo: git.Repo, commit: str) -> dict[str, str]:
+    """The trailers (``Key: value`` lines at the end) of ``commit``'s message."""
+    text = _git(repo, "log", "-1", "--format=%(trailers:only,unfold)", commit)
+    found: dict[str, str] = {}
+    for line in text.splitlines():
+        key, sep, value = line.partition(": ")
+        if sep:
+            found[key.strip()] = value.strip()
+    return found
 
 
 def head_commit(worktree: git.Repo) -> str:

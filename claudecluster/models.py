@@ -11,6 +11,9 @@ there and nowhere else.
 
 from __future__ import annotations
 
+import hashlib
+import json
+from datetime import datetime
 from enum import StrEnum
 from typing import Annotated, Literal
 
@@ -155,9 +158,11 @@ class FailureReason(StrEnum):
     API_ERROR = "api_error"
     SESSION_ERROR = "session_error"
     DEPENDENCY_FAILED = "dependency_failed"
-    GOAL_BUDGET = "goal_budget"
+    GOAL_BUDGET = "goal_budget"  # never started (skipped), or stopped at a turn (failed)
     RUN_STOPPED = "run_stopped"  # the driver stopped (an error) before this task's session began
     GIT_ERROR = "git_error"
+    API_UNREACHABLE = "api_unreachable"  # the model API did not answer at all
+    SERVER_LOST = "server_lost"  # the Prefect server stopped answering; resume finishes it
 
 
 class FileChange(StrictModel):
@@ -228,6 +233,32 @@ class DeniedTool(StrictModel):
     )
 
 
+class Attempt(StrictModel):
+    """One try at a task: a session, or a process that died while it ran one."""
+
+    number: int = Field(ge=1, description="1 for the first try, 2 for its first retry, ...")
+    outcome: Literal["running", "finished", "stopped", "failed", "interrupted"] = Field(
+        description="running (now, or when its process died and nobody saw it end), finished "
+        "(the session completed), stopped (a limit stopped it), failed (crashed or never got "
+        "to its session), interrupted (its process died mid-session)."
+    )
+    failure_reason: FailureReason | None = Field(
+        default=None, description="Why it did not finish, when it did not."
+    )
+    turns: int = Field(default=0, description="Turns its session took (as far as seen).")
+    cost_usd: float = Field(
+        default=0.0,
+        description="What it cost: Claude Code's own figure when the session ended, else "
+        "the list price of the usage seen so far.",
+    )
+    session_id: str | None = Field(default=None, description="Claude Code session id.")
+    branch: str | None = Field(
+        default=None,
+        description="Where work it left unfinished is kept (claudecluster-attempts/...).",
+    )
+    started_at: datetime = Field(description="When the attempt started (UTC).")
+
+
 class TaskResult(StrictModel):
     """Everything a worker produced for one task."""
 
@@ -273,6 +304,11 @@ class TaskResult(StrictModel):
         default=False,
         description="True when this result was reused from an earlier attempt of the run "
         "(resume): nothing ran and nothing was paid again.",
+    )
+    attempts: list[Attempt] = Field(
+        default_factory=list,
+        description="Every try at the task, retries and killed ones included; cost_usd is "
+        "their sum.",
     )
 
     @classmethod
@@ -334,6 +370,21 @@ class RunTotals(StrictModel):
     removed: int = Field(default=0, description="Lines removed by all tasks.")
 
 
+class BudgetSummary(StrictModel):
+    """What a goal budget allowed and what became of it."""
+
+    budget_usd: float = Field(description="The goal's budget.")
+    spent_usd: float = Field(description="What the run spent, planner and every attempt included.")
+    stopped: list[str] = Field(
+        default_factory=list,
+        description="Tasks whose sessions were stopped at a turn once the budget was spent "
+        "(their work is committed and kept on their branches, not merged).",
+    )
+    not_started: list[str] = Field(
+        default_factory=list, description="Tasks that never started because of the budget."
+    )
+
+
 class RunStatus(StrEnum):
     """How a whole run ended."""
 
@@ -373,6 +424,14 @@ class RunReport(StrictModel):
     flow_run_id: str | None = Field(default=None, description="The Prefect flow run id.")
     ui_url: str | None = Field(default=None, description="Link to the run in the Prefect UI.")
     error: str | None = Field(default=None, description="Why the run failed as a whole, if so.")
+    budget: BudgetSummary | None = Field(
+        default=None, description="The goal budget's account, when the run had one."
+    )
+    interrupted: bool = Field(
+        default=False,
+        description="True when the run stopped early (its Prefect server was lost): "
+        "`claudecluster resume RUN_ID` finishes it without paying for finished work again.",
+    )
 
 
 class Dependency(StrictModel):
@@ -431,6 +490,21 @@ class WorkUnit(StrictModel):
         description="Where worktrees go on the worker's machine; None means "
         "<claudecluster home>/worktrees.",
     )
+
+    def fingerprint(self) -> str:
+        """What makes two units the same work: spec, settings, verify and starting point.
+
+        Prefect's cache key and the run journal both use it, so a resumed run reuses a
+        finished task only when nothing about it changed.
+        """
+        identity = {
+            "base": self.base_commit,
+            "dependencies": [dep.head_commit for dep in self.dependencies],
+            "spec": self.spec.model_dump(mode="json"),
+            "settings": self.settings.model_dump(mode="json", exclude={"retries", "retry_delay_s"}),
+            "verify": self.verify_command,
+        }
+        return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:24]
 
     @property
     def verify_command(self) -> str | None:

@@ -41,6 +41,15 @@ class SetupReport(StrictModel):
     blocks: list[str] = Field(description="Block types registered.")
 
 
+def local_results() -> str:
+    """Where this machine's flow runs persist results: the user's choice, else the home's."""
+    import os
+
+    from claudecluster.workspace import results_root
+
+    return os.environ.get("PREFECT_LOCAL_STORAGE_PATH") or str(results_root())
+
+
 def base_job_template(path: str) -> dict[str, Any]:
     """A base job template shipped in ``infra/``."""
     data: dict[str, Any] = json.loads((files("claudecluster.infra") / path).read_text())
@@ -92,6 +101,17 @@ def with_result_storage(template: dict[str, Any], block_slug: str) -> dict[str, 
     return template
 
 
+def with_local_results(template: dict[str, Any], results: str) -> dict[str, Any]:
+    """``template`` whose runs persist results under ``results`` on the worker's machine.
+
+    Process-pool workers share the driver's disk: both must look for results in the same
+    place, so the driver (which keeps them under the ClaudeCluster home) can read them.
+    """
+    env = template["variables"]["properties"]["env"]
+    env["default"] = {**env.get("default", {}), "PREFECT_LOCAL_STORAGE_PATH": results}
+    return template
+
+
 def setup(
     *,
     sessions: int | None = None,
@@ -111,6 +131,8 @@ def setup(
         template = base_job_template(template_path)
         if result_storage and worker_type != "process":
             template = with_result_storage(template, result_storage)
+        elif worker_type == "process":
+            template = with_local_results(template, local_results())
         created[name] = ensure_pool(name, worker_type, template)
     limits = ensure_limits(sessions, starts_per_second=starts_per_second, start_burst=start_burst)
     return SetupReport(

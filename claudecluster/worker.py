@@ -9,6 +9,11 @@ worktree, so a dirty working tree is neither read nor changed. Whatever the sess
 is committed, even when it then stops at a limit, so paid-for work is never lost; only a
 succeeded task is offered for merging. A repository given as a URL is worked on in a local
 clone, and the task branch is pushed back to it.
+
+Every attempt is recorded in the run journal (:mod:`claudecluster.journal`) as it goes, so
+a retry or a resumed run knows what earlier attempts cost, and a task whose session already
+finished and committed is reused instead of paid for again: from the journal, or from the
+trailers of its branch's commit when the journal is on another machine.
 """
 
 from __future__ import annotations
@@ -19,10 +24,18 @@ from pathlib import Path
 
 from claudecluster import gitops, remote
 from claudecluster.errors import ClaudeClusterError, StartRefusedError
-from claudecluster.models import FailureReason, TaskResult, TaskSpec, TaskStatus, WorkUnit
+from claudecluster.journal import RunJournal
+from claudecluster.models import (
+    Attempt,
+    FailureReason,
+    TaskResult,
+    TaskSpec,
+    TaskStatus,
+    WorkUnit,
+)
 from claudecluster.permissions import permissions_for
 from claudecluster.redact import redact
-from claudecluster.session import SessionHost, SessionOutcome, SessionRequest
+from claudecluster.session import SessionHost, SessionOutcome, SessionRequest, Stop
 from claudecluster.target import Target, open_target
 from claudecluster.verify import run_verify
 from claudecluster.workspace import default_worktree_root
@@ -44,7 +57,17 @@ _FAILED_REASONS = {
     FailureReason.TIMEOUT,
     FailureReason.VERIFY_FAILED,
     FailureReason.VERIFY_TIMEOUT,
+    FailureReason.GOAL_BUDGET,
 }
+
+# Trailers of a task commit (see commit_message), read back to reuse finished work.
+TASK_TRAILER = "ClaudeCluster-Task"
+RUN_TRAILER = "ClaudeCluster-Run"
+UNIT_TRAILER = "ClaudeCluster-Unit"
+OUTCOME_TRAILER = "ClaudeCluster-Outcome"
+COST_TRAILER = "ClaudeCluster-Cost-USD"
+TURNS_TRAILER = "ClaudeCluster-Turns"
+FINISHED = "finished"
 
 
 def task_prompt(spec: TaskSpec, verify: str | None) -> str:
@@ -57,9 +80,26 @@ def task_prompt(spec: TaskSpec, verify: str | None) -> str:
     return "\n".join(lines)
 
 
-def commit_message(spec: TaskSpec, run_id: str) -> str:
-    """A task commit's message: the title, then trailers naming the task and the run."""
-    return f"{spec.title}\n\nClaudeCluster-Task: {spec.id}\nClaudeCluster-Run: {run_id}\n"
+def commit_message(
+    spec: TaskSpec,
+    run_id: str,
+    *,
+    fingerprint: str | None = None,
+    outcome: SessionOutcome | None = None,
+) -> str:
+    """A task commit's message: the title, then trailers naming the task, the run and, when
+    known, the unit and how its session ended (so finished work can be found again)."""
+    lines = [spec.title, "", f"{TASK_TRAILER}: {spec.id}", f"{RUN_TRAILER}: {run_id}"]
+    if fingerprint is not None:
+        lines.append(f"{UNIT_TRAILER}: {fingerprint}")
+    if outcome is not None:
+        ended = FINISHED if outcome.ok else f"stopped ({outcome.failure_reason})"
+        lines += [
+            f"{OUTCOME_TRAILER}: {ended}",
+            f"{COST_TRAILER}: {outcome.cost_usd:.6f}",
+            f"{TURNS_TRAILER}: {outcome.turns}",
+        ]
+    return "\n".join(lines) + "\n"
 
 
 def status_for(reason: FailureReason | None) -> TaskStatus:
@@ -81,25 +121,44 @@ async def execute_task(
     Raises only for bad input (a missing repository or commit); everything that goes wrong
     once the task has started is reported in the result. ``host`` runs the session (by
     default the real CLI, holding nothing); ``git_env`` reaches a repository URL's origin.
+    Finished work of an earlier attempt of the same run is reused (``cached``) instead of
+    run again.
     """
     started = time.monotonic()
     root = Path(unit.worktree_root) if unit.worktree_root else default_worktree_root()
     target = open_target(
         unit.repo, base=unit.base_commit, git_env=git_env, clones_root=root / "clones"
     )
-    attempt = _Attempt(unit, target, host or SessionHost(), root / unit.run_id)
-    result = await attempt.run(keep_worktree=keep_worktree)
-    result.duration_s = round(time.monotonic() - started, 3)
+    journal = RunJournal(unit.run_id)
+    attempt = _Attempt(unit, target, host or SessionHost(), root / unit.run_id, journal)
+    result = attempt.reused()
+    if result is None:
+        result = await attempt.run(keep_worktree=keep_worktree)
+        result.duration_s = round(time.monotonic() - started, 3)
+        attempt.finish(result)
     return result
 
 
 class _Attempt:
     """The steps of one worker attempt; each failure ends it with the result so far."""
 
-    def __init__(self, unit: WorkUnit, target: Target, host: SessionHost, root: Path) -> None:
+    def __init__(
+        self, unit: WorkUnit, target: Target, host: SessionHost, root: Path, journal: RunJournal
+    ) -> None:
         self.unit, self.target, self.host, self.root = unit, target, host, root
+        self.journal = journal
         self.spec = unit.spec
         self.branch = gitops.task_branch(unit.run_id, unit.spec.id)
+        self.fingerprint = unit.fingerprint()
+        self.earlier = self._earlier_attempts()
+        self.record: Attempt | None = None
+
+    def reused(self) -> TaskResult | None:
+        """The result of earlier finished work on this very unit, or None."""
+        found = self._reused_from_journal() or self._reused_from_branch()
+        if found is not None:
+            self.host.log(f"task {self.spec.id}: reusing its finished work ({found.status})")
+        return found
 
     async def run(self, *, keep_worktree: bool) -> TaskResult:
         spec, repo, log = self.spec, self.target.repo, self.host.log
@@ -130,11 +189,16 @@ class _Attempt:
                 FailureReason.GIT_ERROR,
                 f"could not create the task's worktree: {exc.message}",
             )
+        self._keep_earlier_work(worktree.archived)
+        self.record = self.journal.begin_attempt(spec.id)
         try:
-            outcome = await self.host.run(self._request(worktree.path))
+            outcome = await self.host.run(self._request(worktree.path), _JournalWatch(self))
         except ClaudeClusterError as exc:
             self._discard(worktree.path)
             if isinstance(exc, StartRefusedError):
+                # It never got a session: not an attempt.
+                self.journal.drop_attempt(spec.id, self.record.number)
+                self.record = None
                 result.status = TaskStatus.SKIPPED
                 result.failure_reason = FailureReason(exc.failure_reason)
                 result.error = exc.message
@@ -145,8 +209,12 @@ class _Attempt:
                 f"the session could not start: {exc.one_line()}",
             )
         _record_outcome(result, outcome)
+        self._record_session(outcome)
+        message = commit_message(
+            spec, self.unit.run_id, fingerprint=self.fingerprint, outcome=outcome
+        )
         try:
-            head = gitops.commit_all(worktree.path, commit_message(spec, self.unit.run_id))
+            head = gitops.commit_all(worktree.path, message)
         except ClaudeClusterError as exc:
             result.worktree = str(worktree.path)  # the uncommitted work is still there
             return _failed(
@@ -172,6 +240,18 @@ class _Attempt:
         if self.target.url is not None:
             self._push()
         return result
+
+    def finish(self, result: TaskResult) -> None:
+        """Close the attempt's record, account every attempt in ``result``, journal it."""
+        if self.record is not None and self.record.outcome == "running":
+            self.record.outcome = "failed"
+            self.record.failure_reason = result.failure_reason
+            self.journal.save_attempt(self.spec.id, self.record)
+        result.attempts = [*self.earlier, *([self.record] if self.record else [])]
+        result.cost_usd = round(sum(a.cost_usd for a in result.attempts), 6)
+        self.journal.save_result(self.fingerprint, result)
+
+    # -- the steps
 
     def _starting_commit(self) -> str:
         """The base commit plus the merged work of the task's dependencies."""
@@ -233,6 +313,111 @@ class _Attempt:
         """A clone's task branch goes back to the repository the URL names."""
         remote.push(self.target.repo, self.branch, env=dict(self.target.git_env))
         self.host.log(f"pushed {self.branch} to {redact(str(self.target.url))}")
+
+    # -- the journal
+
+    def _earlier_attempts(self) -> list[Attempt]:
+        """Earlier attempts of this task in this run; one still 'running' died with its
+        process."""
+        earlier = self.journal.attempts(self.spec.id)
+        for attempt in earlier:
+            if attempt.outcome == "running":
+                attempt.outcome = "interrupted"
+                self.journal.save_attempt(self.spec.id, attempt)
+        return earlier
+
+    def _keep_earlier_work(self, archived: str | None) -> None:
+        """The branch an earlier attempt's work was moved to belongs to that attempt."""
+        if archived is None or not self.earlier:
+            return
+        self.earlier[-1].branch = archived
+        self.journal.save_attempt(self.spec.id, self.earlier[-1])
+        self.host.log(f"the work of attempt {self.earlier[-1].number} is kept on {archived}")
+
+    def _record_session(self, outcome: SessionOutcome) -> None:
+        assert self.record is not None
+        self.record.outcome = "finished" if outcome.ok else "stopped"
+        if outcome.failure_reason in (FailureReason.SESSION_ERROR, FailureReason.API_ERROR):
+            self.record.outcome = "failed"
+        self.record.failure_reason = outcome.failure_reason
+        self.record.turns = outcome.turns
+        self.record.cost_usd = outcome.cost_usd
+        self.record.session_id = outcome.session_id
+        self.journal.save_attempt(self.spec.id, self.record)
+
+    def _reused_from_journal(self) -> TaskResult | None:
+        record = self.journal.result(self.spec.id)
+        if record is None or record.fingerprint != self.fingerprint:
+            return None
+        result = record.result
+        if not result.status.ok:
+            return None
+        if result.branch is not None and (
+            gitops.branch_head(self.target.repo, result.branch) != result.head_commit
+        ):
+            return None  # the branch moved since: the recorded work is not what is there
+        return result.model_copy(update={"cached": True})
+
+    def _reused_from_branch(self) -> TaskResult | None:
+        """A finished session's commit on the task branch, when the journal does not know it
+        (it ran on another machine): the diff from the commit, the verify run again."""
+        head = gitops.branch_head(self.target.repo, self.branch)
+        if head is None:
+            return None
+        found = gitops.trailers(self.target.repo, head)
+        if (
+            found.get(RUN_TRAILER) != self.unit.run_id
+            or found.get(TASK_TRAILER) != self.spec.id
+            or found.get(UNIT_TRAILER) != self.fingerprint
+            or found.get(OUTCOME_TRAILER) != FINISHED
+        ):
+            return None
+        start = gitops.resolve_commit(self.target.repo, f"{head}^")
+        result = TaskResult(
+            id=self.spec.id,
+            title=self.spec.title,
+            kind=self.spec.kind,
+            status=TaskStatus.SUCCEEDED,
+            base_commit=start,
+            cached=True,
+            cost_usd=_number(found.get(COST_TRAILER)),
+            turns=int(_number(found.get(TURNS_TRAILER))),
+        )
+        self._record_commit(result, start, head)
+        if self.unit.verify_command:
+            with gitops.scratch_worktree(
+                self.target.repo, self.root, f"{self.spec.id}-verify", head
+            ) as scratch:
+                self._verify(result, Path(scratch.working_dir))
+        if result.failure_reason is not None:
+            return None  # finished but not verified: the task runs again
+        return result
+
+
+class _JournalWatch:
+    """Rewrites the attempt's journal record after every turn, so a killed attempt still
+    says what it spent."""
+
+    def __init__(self, attempt: _Attempt) -> None:
+        self.attempt = attempt
+
+    def turn(self, cost_usd: float) -> Stop | None:
+        record = self.attempt.record
+        if record is not None:
+            record.turns += 1
+            record.cost_usd = cost_usd
+            self.attempt.journal.save_attempt(self.attempt.spec.id, record)
+        return None
+
+    def spend(self, usd: float) -> None:
+        """The final cost is recorded with the outcome."""
+
+
+def _number(text: str | None) -> float:
+    try:
+        return float(text or 0)
+    except ValueError:
+        return 0.0
 
 
 def _record_outcome(result: TaskResult, outcome: SessionOutcome) -> None:

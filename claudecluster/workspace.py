@@ -1,8 +1,9 @@
 """Where a run's things live on this machine: the ClaudeCluster home, worktrees, run ids.
 
 ``$CLAUDECLUSTER_HOME`` (default ``~/.claudecluster``) holds everything ClaudeCluster keeps:
-the embedded Prefect server's data and log, worktrees under ``worktrees/<run-id>/``, and
-clones of remote repositories under ``worktrees/clones/``.
+the embedded Prefect server's data and log, worktrees under ``worktrees/<run-id>/``, clones
+of remote repositories under ``worktrees/clones/``, run journals under ``runs/<run-id>/``
+and Prefect's persisted results under ``results/`` (unless you configure result storage).
 """
 
 from __future__ import annotations
@@ -48,6 +49,11 @@ def claudecluster_home(home: Path | None = None) -> Path:
 def default_worktree_root() -> Path:
     """Where worktrees live: ``<claudecluster home>/worktrees``."""
     return claudecluster_home() / "worktrees"
+
+
+def results_root() -> Path:
+    """Where Prefect persists results (unless the user configured result storage)."""
+    return claudecluster_home() / "results"
 
 
 def new_run_id() -> str:

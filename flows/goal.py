@@ -21,19 +21,19 @@ from prefect.states import Completed, Failed
 
 from claudecluster import remote
 from claudecluster.artifacts import artifact_key, plan_markdown, publish_run_artifacts
-from claudecluster.blocks.repository import resolve_target
-from claudecluster.blocks.settings import resolve_settings
-from claudecluster.checks import DEFAULT_MAX_TASKS, PLAN_FILE_MAX_TASKS
+from claudecluster.checks import DEFAULT_MAX_TASKS
 from claudecluster.concurrency import session_slot
 from claudecluster.dispatch import RunContext, run_tasks
-from claudecluster.errors import PlannerError
+from claudecluster.errors import ClaudeClusterError
 from claudecluster.gitops import BRANCH_PREFIX
+from claudecluster.journal import RunJournal
 from claudecluster.models import RunReport, RunStatus, TaskResult, WorkerSettings
-from claudecluster.plan import Plan, pools_in, validate_plan
-from claudecluster.pools import check_reachable, worker_deployments
+from claudecluster.plan import Plan
+from claudecluster.preflight import prepare_goal
 from claudecluster.progress import RunProgress
+from claudecluster.server_watch import current_watch
 from claudecluster.session import SessionHost, preload_sdk
-from claudecluster.summary import build_report, planning_failed_report
+from claudecluster.summary import build_report, interrupted_report, planning_failed_report
 from claudecluster.tasks.integrate import integrate_branches
 from claudecluster.tasks.plan import plan_goal
 from claudecluster.workspace import default_worktree_root, new_run_id
@@ -114,38 +114,58 @@ def goal_flow(
     context = FlowRunContext.get()
     run_id = run_id or (context.flow_run.name if context and context.flow_run else new_run_id())
     root = Path(worktree_root) if worktree_root else default_worktree_root()
-    resolved = resolve_settings(settings, settings_block, budget_usd=budget_usd)
-    target = resolve_target(repo, repo_block, base=base_commit, clones_root=root / "clones")
+    try:
+        prepared = prepare_goal(
+            goal=goal,
+            repo=repo,
+            repo_block=repo_block,
+            plan=plan,
+            verify=verify,
+            max_parallel=max_parallel,
+            max_tasks=max_tasks,
+            settings=settings,
+            settings_block=settings_block,
+            budget_usd=budget_usd,
+            base_commit=base_commit,
+            pool=pool,
+            worktree_root=root,
+        )
+    except ClaudeClusterError as exc:
+        # Bad input: a failed run that says why in one line, before any model request.
+        logger.error("not started: %s", exc.one_line())
+        return Failed(data=exc, message=exc.one_line())
+    goal, target, resolved = prepared.goal, prepared.target, prepared.settings
     host = SessionHost(slot=session_slot, env=resolved.env)
-    if plan is not None and not goal:
-        goal = plan.goal or ""
     progress = RunProgress(run_id)
     planner_result: TaskResult | None = None
+    plan = prepared.plan
     if plan is None:
         progress.planning()
-        try:
-            plan, planner_result = plan_goal(
-                goal,
-                str(target.root),
-                target.base_commit,
-                resolved.settings,
-                max_tasks or DEFAULT_MAX_TASKS,
-                verify,
-                str(root),
-                host,
-            )
-        except PlannerError as exc:
+        plan, planner_result = plan_goal(
+            goal,
+            str(target.root),
+            target.base_commit,
+            resolved.settings,
+            max_tasks or DEFAULT_MAX_TASKS,
+            verify,
+            str(root),
+            host,
+        )
+        if plan is None:
             report = planning_failed_report(
-                run_id, goal, target.location, target.base_commit, exc, started, _flow_run_id()
+                run_id,
+                goal,
+                target.location,
+                target.base_commit,
+                planner_result,
+                started,
+                _flow_run_id(),
             )
+            RunJournal(run_id).save_report(report)
             publish_run_artifacts(report, None)
-            progress.complete(f"run failed: {exc.message}")
-            return Failed(data=report, message=exc.one_line())
+            progress.complete(f"run failed: {planner_result.error}")
+            return Failed(data=report, message=planner_result.error or "the planner failed")
         progress.cost_usd += planner_result.cost_usd
-    else:
-        plan = validate_plan(plan, target.root, max_tasks=max_tasks or PLAN_FILE_MAX_TASKS)
-        if verify is not None:
-            plan.verify = verify
     plan.goal = plan.goal or goal
     create_markdown_artifact(
         key=artifact_key(run_id, "plan"), markdown=plan_markdown(plan), description="The plan"
@@ -153,8 +173,26 @@ def goal_flow(
     progress.planned(len(plan.tasks))
     logger.info("run %s: %d tasks from %s", run_id, len(plan.tasks), target.base_commit[:12])
 
-    targets = worker_deployments(pools_in(plan, pool))
-    check_reachable(targets, repo_is_url=target.url is not None)
+    targets = prepared.pools
+    watch = current_watch()
+
+    def report_interrupted(results: dict[str, TaskResult]) -> None:
+        """The server is gone and the running sessions finished: report from here."""
+        report = interrupted_report(
+            run_id=run_id,
+            goal=goal,
+            repo=target.location,
+            base_commit=target.base_commit,
+            plan=plan,
+            results=results,
+            planner=planner_result,
+            started=started,
+            lost_at=watch.lost_at if watch else None,
+            budget_usd=resolved.budget_usd,
+            flow_run_id=_flow_run_id(),
+        )
+        RunJournal(run_id).save_report(report)
+
     with ExitStack() as stack:
         repo_url = target.url
         if repo_url is None and not all(t.shares_disk for t in targets.values()):
@@ -174,8 +212,15 @@ def goal_flow(
             repo_url=repo_url,
             budget_usd=resolved.budget_usd,
             session_env=resolved.env,
+            server_watch=watch,
+            on_drained=report_interrupted,
         )
         results = run_tasks(plan, run, progress)
+    if watch is not None and watch.lost.is_set():
+        # Nothing more can be recorded on the server; the report is in the run journal.
+        lost_report = RunJournal(run_id).report()
+        message = lost_report.error if lost_report else "the Prefect server was lost"
+        return Failed(data=lost_report, message=message or "the Prefect server was lost")
     if target.url:  # workers in containers pushed their branches to the remote
         remote.fetch(target.repo, env=dict(target.git_env), pattern=f"{BRANCH_PREFIX}/{run_id}/*")
     progress.integrating()
@@ -200,7 +245,9 @@ def goal_flow(
         planner=planner_result,
         started=started,
         flow_run_id=_flow_run_id(),
+        budget_usd=resolved.budget_usd,
     )
+    RunJournal(run_id).save_report(report)
     if target.url:
         publish_branches(target.repo, report, env=dict(target.git_env))
     publish_run_artifacts(report, plan)

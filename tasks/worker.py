@@ -21,8 +21,6 @@ credentials from the unit's settings block itself, so secrets never travel as pa
 
 from __future__ import annotations
 
-import hashlib
-import json
 from typing import Any
 
 from prefect import Task, get_run_logger, task
@@ -44,15 +42,7 @@ RETRYABLE = (FailureReason.SESSION_ERROR, FailureReason.API_ERROR)
 def worker_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
     """A completed worker's cache key: same run, spec, settings and starting point."""
     unit: WorkUnit = parameters["unit"]
-    identity = {
-        "base": unit.base_commit,
-        "dependencies": [dep.head_commit for dep in unit.dependencies],
-        "spec": unit.spec.model_dump(mode="json"),
-        "settings": unit.settings.model_dump(mode="json", exclude={"retries", "retry_delay_s"}),
-        "verify": unit.verify_command,
-    }
-    digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:24]
-    return f"claudecluster-{unit.run_id}-{unit.spec.id}-{digest}"
+    return f"claudecluster-{unit.run_id}-{unit.spec.id}-{unit.fingerprint()}"
 
 
 def crashed(task: Any, task_run: Any, state: State[Any]) -> bool:

@@ -7,8 +7,13 @@ that says what is wrong and what to do.
 
 from __future__ import annotations
 
+import json
 import os
+import socket
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
 
 from claudecluster.errors import ConfigError, UsageError
 from claudecluster.plan import Plan, load_plan_file, validate_plan
@@ -17,6 +22,9 @@ MAX_GOAL_CHARS = 20_000
 DEFAULT_MAX_TASKS = 12
 # A plan file is the user's own decision; this only stops an accidental runaway.
 PLAN_FILE_MAX_TASKS = 1000
+
+# Prefect's default cap on a flow run's parameters (server.api.max_parameter_size).
+MAX_PARAMETER_BYTES = 512 * 1024
 
 CREDENTIAL_VARS = (
     "ANTHROPIC_API_KEY",
@@ -64,6 +72,37 @@ def require_credentials() -> None:
         )
 
 
+DEFAULT_MODEL_API = "https://api.anthropic.com"
+_PROXY_VARS = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")
+
+
+def check_model_api(env: Mapping[str, str] | None = None, *, timeout_s: float = 5.0) -> None:
+    """ConfigError when nothing answers at the model API the sessions will use.
+
+    Only a TCP connection is tried (no request is made, nothing is paid for): a closed port
+    or an unknown host is found here once, instead of by every session retrying for
+    minutes. Skipped when a proxy or Bedrock/Vertex decides where requests go.
+    """
+    merged = {**os.environ, **(env or {})}
+    if any(merged.get(name) for name in _PROXY_VARS) or any(
+        merged.get(name) for name in ("CLAUDE_CODE_USE_BEDROCK", "CLAUDE_CODE_USE_VERTEX")
+    ):
+        return
+    base = merged.get("ANTHROPIC_BASE_URL") or DEFAULT_MODEL_API
+    parts = urlsplit(base)
+    host = parts.hostname or ""
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    try:
+        with socket.create_connection((host, port), timeout=timeout_s):
+            return
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+    raise ConfigError(
+        f"model API unreachable: nothing answers at {base} ({reason})",
+        hint="Check ANTHROPIC_BASE_URL and the network; no session was started.",
+    )
+
+
 def prepare_plan(
     repo: Path, *, plan: Plan | None, plan_file: str | Path | None, max_tasks: int | None
 ) -> Plan | None:
@@ -73,6 +112,20 @@ def prepare_plan(
     if plan is None:
         return None
     return validate_plan(plan, repo, max_tasks=max_tasks or PLAN_FILE_MAX_TASKS)
+
+
+def check_parameter_size(
+    what: str, parameters: Mapping[str, Any], max_bytes: int = MAX_PARAMETER_BYTES
+) -> None:
+    """UsageError when ``parameters`` (JSON-ready) exceed what a Prefect server accepts for
+    one flow run, measured as Prefect measures it."""
+    size = len(json.dumps(parameters, separators=(",", ":"), default=str).encode())
+    if size > max_bytes:
+        raise UsageError(
+            f"{what} would need {size:,} bytes of Prefect flow-run parameters, more than "
+            f"the {max_bytes:,} a Prefect server accepts",
+            hint="Shorten the goal or the plan's prompts, or split the goal into several runs.",
+        )
 
 
 def default_parallelism() -> int:

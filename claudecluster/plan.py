@@ -32,6 +32,9 @@ from claudecluster.errors import PathEscapeError, PlanError
 from claudecluster.models import StrictModel, TaskSpec
 
 RESERVED_TASK_IDS = frozenset({"integration"})
+# About 25,000 tokens: room for detailed instructions, and every prompt travels as a Prefect
+# parameter (a worker flow run's), which the server caps at 512 KiB.
+MAX_PROMPT_CHARS = 100_000
 LOCAL_POOL = "local"
 """The in-process pool: tasks run as task runs of the goal's own flow run."""
 MAX_PLAN_FILE_BYTES = 1_000_000
@@ -224,6 +227,13 @@ def validate_plan(plan: Plan, repo_root: Path, *, max_tasks: int = 12) -> Plan:
             )
         if task.id in seen:
             raise PlanError(f"duplicate task id {task.id!r}", hint="Give every task its own id.")
+        if len(task.prompt) > MAX_PROMPT_CHARS:
+            raise PlanError(
+                f"task {task.id!r} has a prompt of {len(task.prompt):,} characters, more than "
+                f"{MAX_PROMPT_CHARS:,}",
+                hint="Put long instructions in a file in the repository and point the prompt "
+                "at it.",
+            )
         seen.add(task.id)
     for task in plan.tasks:
         for dep in task.depends_on:

@@ -71,6 +71,15 @@ def claudecluster_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pat
             os.environ["CLAUDECLUSTER_HOME"] = saved
 
 
+@pytest.fixture(autouse=True)
+def fresh_run_journals(claudecluster_home: Path) -> None:
+    """Each test starts with no run journals: tests reuse run ids ("run-test"), and a journal
+    left by another test would be taken for an earlier attempt of the same run."""
+    import shutil
+
+    shutil.rmtree(claudecluster_home / "runs", ignore_errors=True)
+
+
 @pytest.fixture
 def make_repo(tmp_path: Path) -> Callable[..., Path]:
     """Factory: a real git repository with a small Python project, one commit on main."""

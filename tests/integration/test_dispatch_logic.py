@@ -139,10 +139,13 @@ class TestScheduling:
     def test_no_session_starts_once_the_goal_budget_is_spent(
         self, repo: Path, worktree_root: Path
     ) -> None:
+        # The first session runs alone (its cost is not known yet), then more while a
+        # session's cost still fits: 0.01 + 0.01 of 0.025, and no third.
         runner = FakeRunner(Recorder(hold_s=0.05, cost_usd=0.01))
         plan = Plan(tasks=[spec(f"b{i}") for i in range(4)])
-        results = run_plan(repo, worktree_root, plan, runner, max_parallel=1, budget_usd=0.015)
+        results = run_plan(repo, worktree_root, plan, runner, max_parallel=4, budget_usd=0.025)
         ran = [t for t, r in results.items() if r.status is TaskStatus.SUCCEEDED]
         skipped = [t for t, r in results.items() if r.failure_reason is FailureReason.GOAL_BUDGET]
         assert len(ran) == 2 and len(skipped) == 2, results
         assert len(runner.requests) == 2
+        assert sum(r.cost_usd for r in results.values()) <= 0.025

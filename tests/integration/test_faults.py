@@ -90,3 +90,10 @@ class TestKilledSession:
         attempts = git(repo, "branch", "--list", f"claudecluster-attempts/*{run_id}/victim/*")
         (attempt,) = attempts.split()
         assert git(repo, "show", f"{attempt}:half.txt") == "half\n"
+        # Both attempts are counted: the killed one with what its usage so far cost.
+        first, second = result.attempts
+        assert (first.number, first.outcome, first.branch) == (1, "failed", attempt)
+        assert first.cost_usd > 0 and first.turns >= 1
+        assert (second.number, second.outcome) == (2, "finished")
+        assert result.cost_usd == pytest.approx(first.cost_usd + second.cost_usd)
+        assert report.totals.cost_usd == pytest.approx(result.cost_usd)

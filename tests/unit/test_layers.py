@@ -5,11 +5,13 @@
     interface   api, cli, demo, prefect_server, setup, report      (anything below)
         │
     prefect     flows/, tasks/, blocks/, dispatch, concurrency,      (core, prefect layer)
-        │       places, pools, artifacts, progress, sweep_state
+        │       places, pools, artifacts, progress, sweep_state,
+        │       server_watch, preflight
     core        models, errors, plan, checks, gitops, remote,        (core only; never
                 target, workspace, session, permissions, redact,      Prefect)
                 verify, worker, planner, integrate, resolve,
-                summary, sweep, clean, testing/
+                summary, sweep, clean, pricing, budget, journal,
+                reaper, testing/
 
 Every import counts, including those inside functions and ``TYPE_CHECKING`` blocks: a
 lazy import is still a dependency. A module that is in no layer fails the test, so a new
@@ -62,6 +64,10 @@ LAYERS: dict[str, str] = {
             "sweep",
             "clean",
             "testing",
+            "pricing",
+            "budget",
+            "journal",
+            "reaper",
         )
     },
     **{
@@ -77,6 +83,8 @@ LAYERS: dict[str, str] = {
             "artifacts",
             "progress",
             "sweep_state",
+            "server_watch",
+            "preflight",
         )
     },
     **{

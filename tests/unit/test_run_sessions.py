@@ -10,6 +10,7 @@ from contextlib import ExitStack, nullcontext
 import pytest
 
 from claudecluster import places
+from claudecluster.budget import GoalBudget
 from claudecluster.errors import StartRefusedError
 from claudecluster.places import RunSessions, StartPermits
 
@@ -37,10 +38,20 @@ class FakeReserve(CountingPermits):
         self.closed = True
 
 
-def sessions_with(width: int, **kwargs: float | None) -> tuple[RunSessions, CountingPermits]:
+def sessions_with(
+    width: int,
+    budget_usd: float | None = None,
+    spent_usd: float = 0.0,
+    session_cap_usd: float | None = None,
+) -> tuple[RunSessions, CountingPermits]:
     """Sessions whose slots and first permits are taken (what ``acquire`` does on a server)."""
     permits = CountingPermits()
-    sessions = RunSessions(width, starts=10, start_burst=16, **kwargs)  # type: ignore[arg-type]
+    budget = (
+        GoalBudget(budget_usd, spent_usd=spent_usd, session_cap_usd=session_cap_usd)
+        if budget_usd is not None
+        else None
+    )
+    sessions = RunSessions(width, starts=10, start_burst=16, budget=budget)
     sessions.permits = permits  # type: ignore[assignment]
     return sessions, permits
 
@@ -76,7 +87,7 @@ class TestPlaces:
         third, errors = in_thread(lambda: sessions.enter("c"))
         third.join(0.3)
         assert third.is_alive(), "a third session started while two places were taken"
-        sessions.leave()
+        sessions.leave("a")
         third.join(5)
         assert not third.is_alive() and not errors
         assert permits.taken == 3  # one start permit per session, none for waiting
@@ -100,9 +111,9 @@ class TestPlaces:
         early, _ = in_thread(lambda: take("second"))
         time.sleep(0.1)
         assert order == []
-        sessions.leave()  # "first" ends
+        sessions.leave("first")
         wait_until(lambda: order == ["second"])
-        sessions.leave()  # "second" ends
+        sessions.leave("second")
         late.join(5)
         early.join(5)
         assert order == ["second", "third"]
@@ -122,7 +133,7 @@ class TestPlaces:
         sessions, permits = sessions_with(1)
         sessions.queue("a")
         sessions.enter("a")
-        sessions.leave()
+        sessions.leave("a")
         sessions.enter("a")  # the same task again, not queued by the dispatcher
         assert permits.taken == 2
 
@@ -160,13 +171,13 @@ class TestPlaces:
 
 class TestRefusals:
     def test_no_session_starts_once_the_budget_is_spent(self) -> None:
-        sessions, permits = sessions_with(1, budget_usd=2.0, spent_usd=0.5)
+        sessions, permits = sessions_with(1, budget_usd=2.0, spent_usd=0.5, session_cap_usd=1.0)
         sessions.queue("a")
         sessions.queue("b")
         sessions.enter("a")
         waiter, errors = in_thread(lambda: sessions.enter("b"))
-        sessions.spend(1.6)  # told before the place is freed
-        sessions.leave()
+        sessions.spend("a", 1.6)  # told before the place is freed
+        sessions.leave("a")
         waiter.join(5)
         assert len(errors) == 1 and isinstance(errors[0], StartRefusedError)
         assert errors[0].failure_reason == "goal_budget"
@@ -176,9 +187,9 @@ class TestRefusals:
     def test_under_budget_sessions_start(self) -> None:
         sessions, _ = sessions_with(1, budget_usd=2.0)
         sessions.enter("a")
-        sessions.spend(1.0)
-        sessions.leave()
-        sessions.enter("b")  # 1.0 of 2.0 spent: still allowed
+        sessions.spend("a", 1.0)
+        sessions.leave("a")
+        sessions.enter("b")  # 1.0 of 2.0 spent, a session costs 1.0: still allowed
 
     def test_a_budget_spent_before_the_run_refuses_at_once(self) -> None:
         sessions, _ = sessions_with(2, budget_usd=1.0, spent_usd=1.0)  # the planner spent it
@@ -198,10 +209,10 @@ class TestRefusals:
 
     def test_claims_for_other_pools_share_the_places(self) -> None:
         sessions, permits = sessions_with(1)
-        assert sessions.claim()
-        assert not sessions.claim()
-        sessions.leave()
-        assert sessions.claim()
+        assert sessions.claim("x")
+        assert not sessions.claim("y")
+        sessions.leave("x")
+        assert sessions.claim("y")
         assert permits.taken == 0  # sessions on other pools take their own starts
 
 

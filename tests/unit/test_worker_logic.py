@@ -137,19 +137,47 @@ class TestWorker:
         assert "claudecluster/run-unit/t1" not in git(repo, "branch", "--list")
         assert not (worktree_root / "run-unit" / "t1").exists()
 
-    def test_the_slot_hears_the_cost(self, repo: Path, worktree_root: Path) -> None:
-        spent: list[float] = []
+    def test_the_slot_hears_every_turn_and_the_cost(self, repo: Path, worktree_root: Path) -> None:
+        heard: list[tuple[str, float]] = []
 
-        class Sink:
+        class Watch:
+            def turn(self, cost_usd: float) -> None:
+                heard.append(("turn", cost_usd))
+
             def spend(self, usd: float) -> None:
-                spent.append(usd)
+                heard.append(("spend", usd))
 
         @asynccontextmanager
-        async def slot() -> AsyncIterator[Sink]:
-            yield Sink()
+        async def slot() -> AsyncIterator[Watch]:
+            yield Watch()
 
         run(unit_for(repo, worktree_root), FakeRunner(), slot=slot)
-        assert spent == [0.01]
+        assert heard == [("turn", 0.005), ("turn", 0.01), ("spend", 0.01)]
+
+    def test_a_stop_at_a_turn_keeps_the_work_and_counts_the_attempt(
+        self, repo: Path, worktree_root: Path
+    ) -> None:
+        class StopAtSecond:
+            def turn(self, cost_usd: float) -> tuple[FailureReason, str] | None:
+                if cost_usd < 0.02:
+                    return None
+                return (FailureReason.GOAL_BUDGET, "stopped: the goal's budget was spent")
+
+            def spend(self, usd: float) -> None:
+                pass
+
+        @asynccontextmanager
+        async def slot() -> AsyncIterator[StopAtSecond]:
+            yield StopAtSecond()
+
+        runner = FakeRunner(lambda r: writes(r, {"part.py": "x = 1\n"}, turns=4, cost_usd=0.04))
+        result = run(unit_for(repo, worktree_root, verify=PASSING), runner, slot=slot)
+        assert result.status is TaskStatus.FAILED
+        assert result.failure_reason is FailureReason.GOAL_BUDGET
+        assert result.branch and git(repo, "show", f"{result.branch}:part.py") == "x = 1\n"
+        assert result.cost_usd == 0.02 and result.turns == 2
+        [attempt] = result.attempts
+        assert (attempt.outcome, attempt.cost_usd, attempt.turns) == ("stopped", 0.02, 2)
 
     def test_a_task_starts_from_its_dependencies_work(
         self, repo: Path, worktree_root: Path

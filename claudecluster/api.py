@@ -30,6 +30,7 @@ from claudecluster.prefect_server import ServerInfo
 from claudecluster.remote import is_remote
 from claudecluster.sweep import SweepSpec
 from claudecluster.target import open_target
+from claudecluster.workspace import worktrees_in
 
 
 @contextmanager
@@ -117,27 +118,49 @@ def run_goal(
     check_server_side(
         plan, pool=pool, repo=repo, repo_block=repo_block, settings_block=settings_block
     )
-    from claudecluster.flows.goal import goal_flow
-
     run_id = run_id or new_run_id()
-    with hosted_here(), interruptions(run_id, on_interrupted) as interrupted:
-        state = goal_flow(
-            goal=goal_text,
-            repo=str(repo) if repo is not None else None,
-            plan=plan,
-            verify=verify,
-            max_parallel=max_parallel or default_parallelism(),
-            max_tasks=max_tasks,
-            settings=settings,
-            base_commit=base,
-            run_id=run_id,
-            worktree_root=str(worktree_root) if worktree_root else None,
-            pool=pool,
-            settings_block=settings_block,
-            repo_block=repo_block,
-            budget_usd=budget_usd,
-            return_state=True,
-        )
+    parameters: dict[str, Any] = {
+        "goal": goal_text,
+        "repo": str(repo) if repo is not None else None,
+        "repo_block": repo_block,
+        "base": base,
+        "plan": plan,
+        "verify": verify,
+        "pool": pool,
+        "max_parallel": max_parallel or default_parallelism(),
+        "max_tasks": max_tasks,
+        "budget_usd": budget_usd,
+        "settings": settings,
+        "settings_block": settings_block,
+    }
+    with worktrees_in(Path(worktree_root) if worktree_root else None):
+        return host_goal(run_id, parameters, server, on_interrupted)
+
+
+def host_goal(
+    run_id: str,
+    parameters: dict[str, Any],
+    server: ServerInfo | None,
+    on_interrupted: Callable[[RunReport], None] | None,
+) -> RunReport:
+    """Run the goal flow in this process as the run ``run_id``; its report.
+
+    The flow run is named after the run id, tagged like the runs it creates, and watched
+    for a lost server (see :func:`interruptions`).
+    """
+    from prefect import tags
+
+    from claudecluster.flows.goal import goal_flow
+    from claudecluster.naming import run_tags
+
+    named = goal_flow.with_options(flow_run_name=run_id)
+    goal = parameters.get("goal") or None
+    with (
+        hosted_here(),
+        tags(*run_tags(run_id, goal=goal)),
+        interruptions(run_id, on_interrupted) as interrupted,
+    ):
+        state = named(**parameters, return_state=True)
     return interrupted.report or _report_of(state, server)
 
 
@@ -343,13 +366,23 @@ def resume_run(
         crashed = mark_abandoned_crashed(client, runs[0])
     if crashed and announce:
         announce(f"marked {crashed} run(s) of {run_id} that a dead driver left running as Crashed")
-    from claudecluster.flows.goal import goal_flow
+    return host_goal(run_id, _current_parameters(dict(runs[0].parameters)), server, on_interrupted)
 
-    parameters = dict(runs[0].parameters)
-    parameters["run_id"] = run_id
-    with hosted_here(), interruptions(run_id, on_interrupted) as interrupted:
-        state = goal_flow(**parameters, return_state=True)
-    return interrupted.report or _report_of(state, server)
+
+# Goal-flow parameters earlier versions had, and what became of them.
+_RENAMED_PARAMETERS = {"base_commit": "base"}
+_DROPPED_PARAMETERS = ("run_id", "worktree_root")
+
+
+def _current_parameters(stored: dict[str, Any]) -> dict[str, Any]:
+    """A stored goal run's parameters as the goal flow takes them today."""
+    for old, new in _RENAMED_PARAMETERS.items():
+        if old in stored:
+            stored.setdefault(new, stored.pop(old))
+    for name in _DROPPED_PARAMETERS:
+        stored.pop(name, None)
+    stored.setdefault("goal", "")
+    return stored
 
 
 def mark_abandoned_crashed(client: Any, flow_run: Any) -> int:

@@ -1,13 +1,14 @@
-"""Publish what a worker produced as Prefect artifacts, visible in the Prefect UI.
+"""Publish what a run produced as Prefect artifacts, visible in the Prefect UI.
 
 Per task: a markdown artifact with the diff and its stats, and a table artifact with the
-test report. Keys follow Prefect's rule (lowercase letters, digits and dashes), so a run's
-artifacts can be found again by key: ``<run-id>-<task-id>-diff`` and ``-tests``.
+test report. Per run: the plan, a table of the tasks and a summary. Keys are stable across
+runs of the same goal or deployment (:func:`claudecluster.naming.artifact_scope`):
+``<scope>-<task-id>-diff``, ``<scope>-<task-id>-tests``, ``<scope>-plan``, ``<scope>-tasks``,
+``<scope>-summary`` and ``<scope>-progress``, so Prefect keeps each key's history; every
+artifact also belongs to its run, so a run's page shows its own.
 """
 
 from __future__ import annotations
-
-import re
 
 from prefect.artifacts import (
     acreate_markdown_artifact,
@@ -18,17 +19,11 @@ from prefect.artifacts import (
 
 from claudecluster.gitops import cap_text
 from claudecluster.models import RunReport, TaskResult
+from claudecluster.naming import artifact_key
 from claudecluster.plan import Plan
 from claudecluster.redact import redact
 
 ARTIFACT_DIFF_CAP_BYTES = 60_000
-
-
-def artifact_key(*parts: str) -> str:
-    """Join parts into a valid Prefect artifact key."""
-    key = "-".join(parts).lower()
-    key = re.sub(r"[^a-z0-9-]+", "-", key)
-    return re.sub(r"-{2,}", "-", key).strip("-")
 
 
 def diff_markdown(result: TaskResult) -> str:
@@ -78,15 +73,29 @@ def test_rows(result: TaskResult) -> list[dict[str, object]]:
     ]
 
 
-async def publish_task_artifacts(result: TaskResult, run_id: str) -> None:
+async def publish_task_artifacts(result: TaskResult, scope: str) -> None:
     """Create the diff and test-report artifacts of one task in the current run context."""
     await acreate_markdown_artifact(
-        key=artifact_key(run_id, result.id, "diff"),
+        key=artifact_key(scope, result.id, "diff"),
         markdown=diff_markdown(result),
         description=f"Diff of task {result.id}",
     )
     await acreate_table_artifact(
-        key=artifact_key(run_id, result.id, "tests"),
+        key=artifact_key(scope, result.id, "tests"),
+        table=test_rows(result),
+        description=f"Test report of task {result.id}",
+    )
+
+
+def publish_task_artifacts_sync(result: TaskResult, scope: str) -> None:
+    """:func:`publish_task_artifacts` from synchronous code (the driver, for pool tasks)."""
+    create_markdown_artifact(
+        key=artifact_key(scope, result.id, "diff"),
+        markdown=diff_markdown(result),
+        description=f"Diff of task {result.id}",
+    )
+    create_table_artifact(
+        key=artifact_key(scope, result.id, "tests"),
         table=test_rows(result),
         description=f"Test report of task {result.id}",
     )
@@ -165,6 +174,20 @@ def run_summary_markdown(report: RunReport, plan: Plan | None) -> str:
             after = f" (after {', '.join(task.depends_on)})" if task.depends_on else ""
             lines.append(f"- `{task.id}` {task.kind}: {task.title}{after}")
         lines.append("")
+    if report.tasks:
+        lines += [
+            "## Tasks",
+            "",
+            "| task | kind | status | files | + | - | tests | turns | cost |",
+            "|---|---|---|---:|---:|---:|---|---:|---:|",
+        ]
+        for row in run_table_rows(report):
+            lines.append(
+                f"| `{row['task']}` | {row['kind']} | {row['status']} | {row['files']} | "
+                f"{row['+lines']} | {row['-lines']} | {row['tests']} | {row['turns']} | "
+                f"${row['cost_usd']} |"
+            )
+        lines.append("")
     if report.unmerged:
         lines += ["## Not merged", ""]
         lines += [f"- `{u.id}` ({u.branch or 'no branch'}): {u.reason}" for u in report.unmerged]
@@ -181,15 +204,22 @@ def run_summary_markdown(report: RunReport, plan: Plan | None) -> str:
     return redact("\n".join(lines))
 
 
-def publish_run_artifacts(report: RunReport, plan: Plan | None) -> None:
+def publish_run_artifacts(report: RunReport, plan: Plan | None, scope: str) -> None:
     """Create the run-level table and summary artifacts in the current run context."""
     create_table_artifact(
-        key=artifact_key(report.run_id, "tasks"),
+        key=artifact_key(scope, "tasks"),
         table=run_table_rows(report) or [{"task": "-", "status": "no tasks ran"}],
         description=f"Tasks of run {report.run_id}",
     )
     create_markdown_artifact(
-        key=artifact_key(report.run_id, "summary"),
+        key=artifact_key(scope, "summary"),
         markdown=run_summary_markdown(report, plan),
         description=f"Summary of run {report.run_id}",
+    )
+
+
+def publish_plan_artifact(plan: Plan, scope: str) -> None:
+    """Create the plan's artifact in the current run context."""
+    create_markdown_artifact(
+        key=artifact_key(scope, "plan"), markdown=plan_markdown(plan), description="The plan"
     )

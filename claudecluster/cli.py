@@ -7,6 +7,7 @@ bad input or usage (and then nothing was changed). Errors are one line, never a 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -253,6 +254,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
     directory = Path(args.dir).resolve() if args.dir else new_demo_dir()
     repo = create_sample_project(directory)
+    if args.serve_model is not None:
+        return _serve_demo_model(repo, args.serve_model, args.latency)
     print("ClaudeCluster demo -- SCRIPTED MODEL: the model's answers are canned; the Claude Code")
     print("CLI, git, Prefect and the tests are real. Set ANTHROPIC_API_KEY and use")
     print("`claudecluster run` to do the same with a real model.")
@@ -285,6 +288,25 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         print(f"  run + graph:  {report.ui_url}")
         print(f"  artifacts:    {base}/artifacts (diffs, test reports, run table, summary)")
     return EXIT_OK if report.status == "succeeded" else EXIT_FAILED
+
+
+def _serve_demo_model(repo: Path, port: int, latency_s: float) -> int:
+    """The sample project and the scripted model alone, for trying the Prefect path by hand:
+    deployments, workers and ``prefect deployment run`` talk to the model until Ctrl-C."""
+    import threading
+
+    from claudecluster.demo import DEMO_GOAL, DemoModel
+
+    with DemoModel(latency_s=latency_s, port=port) as model:
+        url = model.server.base_url
+        print(f"Sample project: {repo}")
+        print(f"Scripted model: {url} (any goal gets the demo's plan; Ctrl-C stops it)")
+        print("Point sessions at it, in the shell that starts the worker or the run:")
+        print(f"  export ANTHROPIC_BASE_URL={url} ANTHROPIC_API_KEY=scripted-demo")
+        print(f'  goal: "{DEMO_GOAL}"', flush=True)
+        with contextlib.suppress(KeyboardInterrupt):
+            threading.Event().wait()
+    return EXIT_OK
 
 
 def _cmd_sweep(args: argparse.Namespace) -> int:
@@ -361,6 +383,7 @@ def _cmd_setup(args: argparse.Namespace) -> int:
         result_storage=args.result_storage,
         starts_per_second=args.starts_per_second,
         start_burst=args.start_burst,
+        image=args.image,
     )
     where = server.api_url if server else os.environ.get("PREFECT_API_URL", "Prefect")
     print(f"Prepared {where} for ClaudeCluster:")
@@ -481,6 +504,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--model", help="model name the sessions report (priced by Claude Code)")
     demo.add_argument("--verbose", action="store_true", help="show Prefect's logs too")
+    demo.add_argument(
+        "--serve-model",
+        type=int,
+        metavar="PORT",
+        help="only write the sample project and serve the scripted model on this port (until "
+        "Ctrl-C), for running the Prefect walkthrough by hand",
+    )
     add_backend_options(demo)
     demo.set_defaults(handler=_cmd_demo)
 
@@ -554,7 +584,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--result-storage",
         metavar="BLOCK_SLUG",
         help="filesystem block container pools persist results to, e.g. s3-bucket/results "
-        "(containers share no disk with the driver)",
+        "(needed when workers run on other hosts; on one machine results come back through "
+        "the task branches)",
+    )
+    setup_cmd.add_argument(
+        "--image",
+        metavar="IMAGE",
+        help="worker image for the Docker and Kubernetes pools, e.g. one pushed to your "
+        "registry (pulled when a host does not have it)",
     )
     setup_cmd.set_defaults(handler=_cmd_setup, ephemeral=False)
 

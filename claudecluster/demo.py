@@ -292,10 +292,10 @@ def new_demo_dir() -> Path:
 class DemoModel:
     """The scripted model server, with this process's sessions pointed at it."""
 
-    def __init__(self, latency_s: float) -> None:
+    def __init__(self, latency_s: float, port: int = 0) -> None:
         verify = verify_command()
         self.verify = verify
-        self.server = ScriptedModelServer(demo_scripts(verify), latency_s=latency_s)
+        self.server = ScriptedModelServer(demo_scripts(verify), latency_s=latency_s, port=port)
         self._saved: dict[str, str | None] = {}
 
     def __enter__(self) -> DemoModel:

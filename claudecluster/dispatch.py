@@ -19,22 +19,30 @@ critical path. The places, start permits and budget check live in the run's
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
+import re
 import threading
 import time
 from collections.abc import Callable, Mapping
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from functools import partial
+from pathlib import Path
+from typing import Any
 
 from prefect import get_run_logger
-from prefect.client.schemas.objects import FlowRun
-from prefect.deployments import run_deployment
+from prefect.client.schemas.objects import FlowRunResult, State, TaskRunResult
 from prefect.futures import PrefectFlowRunFuture, PrefectFuture
 from prefect.task_runners import ThreadPoolTaskRunner
+from prefect.utilities.annotations import quote
 
+from claudecluster import remote
+from claudecluster.artifacts import publish_task_artifacts_sync
 from claudecluster.budget import GoalBudget
+from claudecluster.errors import ClaudeClusterError
+from claudecluster.gitops import BRANCH_PREFIX
 from claudecluster.journal import RunJournal
 from claudecluster.models import (
     Dependency,
@@ -58,7 +66,12 @@ from claudecluster.pools import PoolTarget
 from claudecluster.progress import RunProgress
 from claudecluster.server_watch import ServerWatch
 from claudecluster.session import SessionHost, SessionRunner
+from claudecluster.target import open_target
 from claudecluster.tasks.worker import worker_task
+from claudecluster.worker import result_from_branch
+
+# A task's node in the goal's graph: its task run, or its flow run on a pool.
+GraphNode = TaskRunResult | FlowRunResult
 
 
 def _skipped(spec: TaskSpec, base_commit: str, failed: list[str]) -> TaskResult:
@@ -84,17 +97,49 @@ def _holds_lease(plan: Plan, candidate: TaskSpec, running: list[str]) -> str | N
     return None
 
 
-def dispatch_to_pool(deployment: str, unit: WorkUnit) -> PrefectFlowRunFuture[TaskResult]:
-    """Start a task as a flow run of a pool's worker deployment; returns at once."""
-    flow_run = run_deployment(
-        deployment,
-        parameters={"unit": unit.model_dump(mode="json")},
-        timeout=0,
-        as_subflow=True,
-        tags=["claudecluster", f"claudecluster-run:{unit.run_id}"],
-    )
-    assert isinstance(flow_run, FlowRun)  # a sync flow gets the sync variant
-    return PrefectFlowRunFuture(flow_run_id=flow_run.id)
+def dispatch_to_pool(
+    deployment: str, unit: WorkUnit, *, upstream: list[GraphNode], tags: list[str]
+) -> tuple[PrefectFlowRunFuture[TaskResult], GraphNode]:
+    """Start a task as a flow run of a pool's worker deployment; returns at once.
+
+    The flow run is a child of the current flow run, through a task run of its own, named
+    after the task, whose inputs are ``upstream`` (the dependencies' nodes in the goal's
+    graph): the graph then shows the plan's edges. ``run_deployment`` creates such a task
+    run too, but cannot say what it waits for. Returns the future and the task's node: the
+    graph draws a child flow run in place of its parent task run, so edges must name the
+    flow run.
+    """
+    from prefect import Task
+    from prefect.client.orchestration import get_client
+    from prefect.context import FlowRunContext
+    from prefect.states import Pending, Scheduled
+
+    context = FlowRunContext.get()
+    assert context is not None and context.flow_run is not None
+    node: Task[..., None] = Task(name=unit.spec.id, fn=_pool_task_placeholder)
+    with get_client(sync_client=True) as client:
+        target = client.read_deployment_by_name(deployment)
+        parent = client.create_task_run(
+            task=node,
+            flow_run_id=context.flow_run.id,
+            dynamic_key=unit.spec.id,
+            name=unit.spec.id,
+            task_inputs={"wait_for": list(upstream)},
+            state=Pending(),
+        )
+        flow_run = client.create_flow_run_from_deployment(
+            target.id,
+            parameters={"unit": unit.model_dump(mode="json")},
+            state=Scheduled(),
+            name=f"{unit.run_id}-{unit.spec.id}",
+            tags=tags,
+            parent_task_run_id=parent.id,
+        )
+    return PrefectFlowRunFuture(flow_run_id=flow_run.id), FlowRunResult(id=flow_run.id)
+
+
+def _pool_task_placeholder() -> None:
+    """Stands for a task that runs as a flow run on a work pool (never called)."""
 
 
 @dataclass
@@ -119,14 +164,26 @@ class RunContext:
     # Told the results once the server is lost and the running sessions have finished:
     # the runner's threads may then wait minutes on Prefect's retries, the report need not.
     on_drained: Callable[[dict[str, TaskResult]], None] | None = None
+    tags: list[str] = field(default_factory=list)  # for the runs it creates on pools
+    artifact_scope: str | None = None  # see claudecluster.naming
+    # Where pool workers push task branches when it is not this repository: its origin
+    # (a URL), reached with this git environment.
+    origin_env: Mapping[str, str] | None = field(default=None, repr=False)
 
     def unit_for(
-        self, spec: TaskSpec, plan: Plan, results: dict[str, TaskResult], *, shares_disk: bool
+        self,
+        spec: TaskSpec,
+        plan: Plan,
+        results: dict[str, TaskResult],
+        *,
+        shares_disk: bool,
+        local: bool,
     ) -> WorkUnit:
         """The unit of work of ``spec``, for a worker that does or does not share our disk.
 
         A worker without our disk gets the repository's URL (or the run's served copy)
-        and its own machine's worktree folder.
+        and its own machine's worktree folder. A task on a work pool has its artifacts
+        published by the driver, so the goal's run shows every task's.
         """
         return WorkUnit(
             run_id=self.run_id,
@@ -139,6 +196,8 @@ class RunContext:
             settings_block=self.settings_block,
             repo_block=self.repo_block,
             worktree_root=self.worktree_root if shares_disk else None,
+            artifact_scope=self.artifact_scope,
+            publish_artifacts=local,
         )
 
 
@@ -213,6 +272,7 @@ class _Dispatcher:
         self.lost = threading.Event()
         self.journal = RunJournal(run.run_id)
         self.started_at: dict[str, float] = {}
+        self.nodes: dict[str, GraphNode] = {}  # each task's node in the goal's graph
 
     def run(self, capacity: int) -> dict[str, TaskResult]:
         while self.pending or self.running:
@@ -290,17 +350,27 @@ class _Dispatcher:
                 slot=partial(session_place, self.sessions, spec.id),
                 env=run.session_env,
             )
-            unit = run.unit_for(spec, plan, self.results, shares_disk=True)
-            return self.runner.submit(
+            unit = run.unit_for(spec, plan, self.results, shares_disk=True, local=True)
+            future = self.runner.submit(
                 worker_task(run.settings),
-                {"unit": unit, "host": host},
-                # Waiting on the dependencies' futures draws the graph's edges.
+                # Quoted: Prefect would take objects the unit shares with earlier results
+                # (an enum member, a string) for inputs, and draw edges the plan lacks.
+                {"unit": quote(unit), "host": quote(host)},
+                # Waiting on the dependencies' task runs draws the plan's edges.
                 wait_for=[self.futures[dep] for dep in spec.depends_on],
             )
+            self.nodes[spec.id] = TaskRunResult(id=future.task_run_id)
+            return future
         target = run.targets[task_pool]
-        unit = run.unit_for(spec, plan, self.results, shares_disk=target.shares_disk)
+        unit = run.unit_for(spec, plan, self.results, shares_disk=target.shares_disk, local=False)
         self.logger.info("%s dispatched to pool %s", spec.id, task_pool)
-        return dispatch_to_pool(target.deployment, unit)
+        pool_future, self.nodes[spec.id] = dispatch_to_pool(
+            target.deployment,
+            unit,
+            upstream=[self.nodes[dep] for dep in spec.depends_on if dep in self.nodes],
+            tags=run.tags,
+        )
+        return pool_future
 
     def _completed(self, task_id: str, future: PrefectFuture[TaskResult]) -> None:
         self.done.put(task_id)
@@ -328,9 +398,13 @@ class _Dispatcher:
             self.claimed.discard(task_id)
             self.sessions.spend(task_id, result.cost_usd)
             self.sessions.leave(task_id)
-        if result.failure_reason is FailureReason.API_UNREACHABLE:
+            if not self.lost.is_set():
+                scope = self.run_context.artifact_scope or self.run_context.run_id
+                publish_task_artifacts_sync(result, scope)
+        if result.failure_reason in _STOPS_THE_RUN:
             # Every other session would meet the same closed door.
-            self.sessions.stop(f"not started: {result.error}", FailureReason.API_UNREACHABLE)
+            assert result.failure_reason is not None
+            self.sessions.stop(f"not started: {result.error}", result.failure_reason)
         self.progress.finished(result)
 
     def _result_of(self, task_id: str) -> TaskResult:
@@ -351,6 +425,9 @@ class _Dispatcher:
         journaled = self._journaled(task_id)
         if journaled is not None:  # the work was done; only Prefect's record of it failed
             return journaled
+        if task_id in self.claimed:  # it ran elsewhere: what its run and branch tell
+            state = future.state if future.state.is_final() else None
+            return recover_result(self.run_context, spec, self.plan, self.results, state)
         return TaskResult.not_done(
             spec, base, status=TaskStatus.ERROR, reason=FailureReason.SESSION_ERROR, error=message
         )
@@ -405,6 +482,65 @@ class _Dispatcher:
 
 
 _POLL_S = 0.5
+# Failures every other task would meet too: the run starts nothing after one.
+_STOPS_THE_RUN = (FailureReason.API_UNREACHABLE, FailureReason.RESULT_STORAGE)
+_SPENT = re.compile(r"\(\$(?P<cost>[\d.]+), (?P<turns>\d+) turns\)$")
+
+
+def recover_result(
+    run: RunContext,
+    spec: TaskSpec,
+    plan: Plan,
+    results: dict[str, TaskResult],
+    state: State[Any] | None,
+) -> TaskResult:
+    """The result of a task that ran on a work pool and whose result did not come back
+    (no result storage both sides reach, or a lost record): rebuilt from the work it
+    pushed to its branch, else from what its flow run's final state says."""
+    message = (state.message or "") if state is not None else ""
+    spent = _SPENT.search(message)
+    reason_text = message.split(":", 1)[0] if ":" in message else ""
+    reason = FailureReason(reason_text) if reason_text in set(FailureReason) else None
+    if reason is not FailureReason.RESULT_STORAGE:
+        if run.origin_env is not None:  # the branch was pushed to the repository's URL
+            repo = open_target(run.repo).repo
+            with contextlib.suppress(ClaudeClusterError):
+                remote.fetch(
+                    repo,
+                    env=dict(run.origin_env),
+                    pattern=f"{BRANCH_PREFIX}/{run.run_id}/{spec.id}",
+                )
+        unit = run.unit_for(spec, plan, results, shares_disk=True, local=True)
+        rebuilt = result_from_branch(
+            unit, open_target(run.repo), Path(run.worktree_root) / run.run_id
+        )
+        if rebuilt is not None:  # done in this run, only its record was lost: not a reuse
+            return rebuilt.model_copy(update={"cached": False})
+    base = run.base_commit
+    if (
+        state is not None
+        and state.is_completed()
+        and message.startswith(str(TaskStatus.NO_CHANGES))
+    ):
+        result = TaskResult(
+            id=spec.id,
+            title=spec.title,
+            kind=spec.kind,
+            status=TaskStatus.NO_CHANGES,
+            base_commit=base,
+        )
+    else:
+        result = TaskResult.not_done(
+            spec,
+            base,
+            status=TaskStatus.ERROR,
+            reason=reason or FailureReason.SESSION_ERROR,
+            error=(message or "its flow run ended without a result")
+            + " (its result could not be read back)",
+        )
+    if spent is not None:
+        result.cost_usd, result.turns = float(spent["cost"]), int(spent["turns"])
+    return result
 
 
 def _drain_limit_s(settings: WorkerSettings) -> float:

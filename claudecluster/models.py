@@ -163,6 +163,7 @@ class FailureReason(StrEnum):
     GIT_ERROR = "git_error"
     API_UNREACHABLE = "api_unreachable"  # the model API did not answer at all
     SERVER_LOST = "server_lost"  # the Prefect server stopped answering; resume finishes it
+    RESULT_STORAGE = "result_storage"  # a pool's worker cannot write its result storage
 
 
 class FileChange(StrictModel):
@@ -489,6 +490,17 @@ class WorkUnit(StrictModel):
         default=None,
         description="Where worktrees go on the worker's machine; None means "
         "<claudecluster home>/worktrees.",
+    )
+    artifact_scope: str | None = Field(
+        default=None,
+        description="The stable first part of the task's artifact keys (see "
+        "claudecluster.naming); None means the run id.",
+    )
+    publish_artifacts: bool = Field(
+        default=True,
+        description="Whether the worker publishes the task's diff and test report; the "
+        "driver does it for tasks it sends to work pools, so every task's show on the goal's "
+        "run.",
     )
 
     def fingerprint(self) -> str:

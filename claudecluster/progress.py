@@ -25,6 +25,7 @@ from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from pydantic import Field
 
 from claudecluster.models import StrictModel, TaskResult
+from claudecluster.naming import artifact_key
 
 EventKind = Literal["planning", "planned", "started", "finished", "integrating", "done"]
 Listener = Callable[["ProgressEvent"], None]
@@ -63,8 +64,9 @@ def listen(callback: Listener) -> Iterator[None]:
 class RunProgress:
     """Tracks one run's progress and publishes it."""
 
-    def __init__(self, run_id: str, *, cost_usd: float = 0.0) -> None:
+    def __init__(self, run_id: str, *, cost_usd: float = 0.0, scope: str | None = None) -> None:
         self.run_id = run_id
+        self.scope = scope or run_id
         self.total = 0
         self.done: list[str] = []
         self.running: list[str] = []
@@ -95,7 +97,7 @@ class RunProgress:
     def _publish(self) -> None:
         percent = 100.0 * len(self.done) / self.total if self.total else 0.0
         if self._publisher is None:
-            self._publisher = _ProgressPublisher(self.run_id)
+            self._publisher = _ProgressPublisher(self.run_id, artifact_key(self.scope, "progress"))
         self._publisher.publish(percent)
 
     def planning(self) -> None:
@@ -138,8 +140,8 @@ class RunProgress:
 class _ProgressPublisher:
     """Writes a run's progress artifact from a thread, newest figure only."""
 
-    def __init__(self, run_id: str) -> None:
-        self.run_id = run_id
+    def __init__(self, run_id: str, key: str) -> None:
+        self.run_id, self.key = run_id, key
         self._artifact_id: UUID | None = None
         self._latest: float | None = None
         self._closed = False
@@ -181,7 +183,7 @@ class _ProgressPublisher:
         if self._artifact_id is None:
             self._artifact_id = create_progress_artifact(  # type: ignore[assignment]
                 progress=percent,
-                key=f"{self.run_id}-progress",
+                key=self.key,
                 description=f"Tasks finished in run {self.run_id}",
             )
         else:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import json
 import logging
 import os
 import sys
@@ -50,7 +51,7 @@ if TYPE_CHECKING:
     from claude_agent_sdk import ResultMessage
 
 MARKER_VAR = SESSION_VAR
-_LOG_SNIPPET = 400
+_LOG_SNIPPET = 2000  # characters of a message, tool input or tool result in the run's log
 
 Logger = Callable[[str], None]
 
@@ -148,9 +149,19 @@ _SUBTYPE_REASONS = {
 
 
 def _snippet(value: object) -> str:
-    text = value if isinstance(value, str) else repr(value)
-    text = redact(text).replace("\n", "\\n")
-    return text if len(text) <= _LOG_SNIPPET else text[:_LOG_SNIPPET] + "..."
+    """``value`` for the log: text keeps its lines, long text is cut with a marker."""
+    if isinstance(value, list) and all(isinstance(v, dict) and "text" in v for v in value):
+        value = "\n".join(str(v["text"]) for v in value)  # a tool result's text blocks
+    if isinstance(value, str):
+        text = value
+    elif isinstance(value, dict | list):
+        text = json.dumps(value, ensure_ascii=False, default=str)
+    else:
+        text = repr(value)
+    text = redact(text)
+    if len(text) <= _LOG_SNIPPET:
+        return text
+    return text[:_LOG_SNIPPET] + f"\n[... {len(text) - _LOG_SNIPPET} more characters cut]"
 
 
 def preload_sdk() -> None:

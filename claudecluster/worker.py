@@ -67,6 +67,7 @@ UNIT_TRAILER = "ClaudeCluster-Unit"
 OUTCOME_TRAILER = "ClaudeCluster-Outcome"
 COST_TRAILER = "ClaudeCluster-Cost-USD"
 TURNS_TRAILER = "ClaudeCluster-Turns"
+DURATION_TRAILER = "ClaudeCluster-Session-S"
 FINISHED = "finished"
 
 
@@ -98,6 +99,7 @@ def commit_message(
             f"{OUTCOME_TRAILER}: {ended}",
             f"{COST_TRAILER}: {outcome.cost_usd:.6f}",
             f"{TURNS_TRAILER}: {outcome.turns}",
+            f"{DURATION_TRAILER}: {outcome.duration_s:.1f}",
         ]
     return "\n".join(lines) + "\n"
 
@@ -292,17 +294,7 @@ class _Attempt:
         )
 
     def _verify(self, result: TaskResult, worktree: Path) -> None:
-        command = self.unit.verify_command
-        assert command is not None
-        timeout = self.unit.settings.verify_timeout_s
-        report = run_verify(command, worktree, timeout)
-        result.test_report = report
-        if report.timed_out:
-            result.failure_reason = FailureReason.VERIFY_TIMEOUT
-            result.error = f"verify command timed out after {timeout:g} s"
-        elif not report.ok:
-            result.failure_reason = FailureReason.VERIFY_FAILED
-            result.error = f"verify command exited {report.exit_code}: {command}"
+        _verify_into(result, self.unit, worktree)
 
     def _discard(self, worktree: Path) -> None:
         """Remove a worktree and branch holding nothing (no session ran, or it changed nothing)."""
@@ -359,39 +351,63 @@ class _Attempt:
         return result.model_copy(update={"cached": True})
 
     def _reused_from_branch(self) -> TaskResult | None:
-        """A finished session's commit on the task branch, when the journal does not know it
-        (it ran on another machine): the diff from the commit, the verify run again."""
-        head = gitops.branch_head(self.target.repo, self.branch)
-        if head is None:
-            return None
-        found = gitops.trailers(self.target.repo, head)
-        if (
-            found.get(RUN_TRAILER) != self.unit.run_id
-            or found.get(TASK_TRAILER) != self.spec.id
-            or found.get(UNIT_TRAILER) != self.fingerprint
-            or found.get(OUTCOME_TRAILER) != FINISHED
-        ):
-            return None
-        start = gitops.resolve_commit(self.target.repo, f"{head}^")
-        result = TaskResult(
-            id=self.spec.id,
-            title=self.spec.title,
-            kind=self.spec.kind,
-            status=TaskStatus.SUCCEEDED,
-            base_commit=start,
-            cached=True,
-            cost_usd=_number(found.get(COST_TRAILER)),
-            turns=int(_number(found.get(TURNS_TRAILER))),
-        )
-        self._record_commit(result, start, head)
-        if self.unit.verify_command:
-            with gitops.scratch_worktree(
-                self.target.repo, self.root, f"{self.spec.id}-verify", head
-            ) as scratch:
-                self._verify(result, Path(scratch.working_dir))
-        if result.failure_reason is not None:
-            return None  # finished but not verified: the task runs again
-        return result
+        """A finished, verified session's commit on the task branch, when the journal does
+        not know it (it ran on another machine)."""
+        found = result_from_branch(self.unit, self.target, self.root)
+        return found if found is not None and found.status.ok else None
+
+
+def result_from_branch(unit: WorkUnit, target: Target, scratch_root: Path) -> TaskResult | None:
+    """The result of what a session of ``unit`` committed on its task branch, rebuilt from
+    git alone: the diff from the commit, how the session ended and what it cost from the
+    commit's trailers, and the verify command run again (after a finished session).
+
+    None when the branch holds no commit of this very unit. The driver uses it for a task
+    whose worker ran elsewhere and whose result did not come back; resume uses it too.
+    """
+    branch = gitops.task_branch(unit.run_id, unit.spec.id)
+    head = gitops.branch_head(target.repo, branch)
+    if head is None:
+        return None
+    found = gitops.trailers(target.repo, head)
+    if (
+        found.get(RUN_TRAILER) != unit.run_id
+        or found.get(TASK_TRAILER) != unit.spec.id
+        or found.get(UNIT_TRAILER) != unit.fingerprint()
+        or OUTCOME_TRAILER not in found
+    ):
+        return None
+    outcome = found[OUTCOME_TRAILER]
+    start = gitops.resolve_commit(target.repo, f"{head}^")
+    result = TaskResult(
+        id=unit.spec.id,
+        title=unit.spec.title,
+        kind=unit.spec.kind,
+        status=TaskStatus.SUCCEEDED,
+        base_commit=start,
+        head_commit=head,
+        branch=branch,
+        cached=True,
+        cost_usd=_number(found.get(COST_TRAILER)),
+        turns=int(_number(found.get(TURNS_TRAILER))),
+        duration_s=_number(found.get(DURATION_TRAILER)),
+    )
+    result.files = gitops.diff_stats(target.repo, start, head)
+    result.diff, result.diff_truncated = gitops.cap_text(
+        gitops.diff_text(target.repo, start, head), DIFF_CAP_BYTES
+    )
+    if outcome != FINISHED:  # "stopped (<reason>)": its work is kept, not verified
+        reason = outcome.removeprefix("stopped (").rstrip(")")
+        result.failure_reason = FailureReason(reason) if reason in set(FailureReason) else None
+        result.failure_reason = result.failure_reason or FailureReason.SESSION_ERROR
+        result.error = f"the session stopped ({result.failure_reason}); its work is on {branch}"
+    elif unit.verify_command:
+        with gitops.scratch_worktree(
+            target.repo, scratch_root, f"{unit.spec.id}-verify", head
+        ) as scratch:
+            _verify_into(result, unit, Path(scratch.working_dir))
+    result.status = status_for(result.failure_reason)
+    return result
 
 
 class _JournalWatch:
@@ -411,6 +427,21 @@ class _JournalWatch:
 
     def spend(self, usd: float) -> None:
         """The final cost is recorded with the outcome."""
+
+
+def _verify_into(result: TaskResult, unit: WorkUnit, worktree: Path) -> None:
+    """Run ``unit``'s verify command in ``worktree``; record the report and any failure."""
+    command = unit.verify_command
+    assert command is not None
+    timeout = unit.settings.verify_timeout_s
+    report = run_verify(command, worktree, timeout)
+    result.test_report = report
+    if report.timed_out:
+        result.failure_reason = FailureReason.VERIFY_TIMEOUT
+        result.error = f"verify command timed out after {timeout:g} s"
+    elif not report.ok:
+        result.failure_reason = FailureReason.VERIFY_FAILED
+        result.error = f"verify command exited {report.exit_code}: {command}"
 
 
 def _number(text: str | None) -> float:

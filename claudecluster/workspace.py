@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import os
 import secrets
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -46,9 +49,26 @@ def claudecluster_home(home: Path | None = None) -> Path:
     return path
 
 
+_WORKTREE_ROOT: ContextVar[Path | None] = ContextVar("claudecluster_worktree_root", default=None)
+
+
+@contextmanager
+def worktrees_in(root: Path | None) -> Iterator[None]:
+    """Put this context's worktrees under ``root`` (None: the default) while the block runs.
+
+    For a caller of the Python API that wants a run's worktrees elsewhere (tests keep them
+    in a temporary folder); the run's tasks, in threads copied from this context, see it.
+    """
+    token = _WORKTREE_ROOT.set(root)
+    try:
+        yield
+    finally:
+        _WORKTREE_ROOT.reset(token)
+
+
 def default_worktree_root() -> Path:
-    """Where worktrees live: ``<claudecluster home>/worktrees``."""
-    return claudecluster_home() / "worktrees"
+    """Where worktrees live: ``<claudecluster home>/worktrees`` (or :func:`worktrees_in`)."""
+    return _WORKTREE_ROOT.get() or claudecluster_home() / "worktrees"
 
 
 def results_root() -> Path:

@@ -2,25 +2,26 @@
 
 One goal is one Prefect flow run; the planner, every worker and the integration step are its
 task runs (or, on work pools, its child flow runs), so the graph, logs and artifacts show in
-the Prefect UI. The flow only orchestrates: scheduling is in :mod:`claudecluster.dispatch`,
-the work in the tasks, the verdict in :mod:`claudecluster.summary`.
+the Prefect UI. The flow only orchestrates: its inputs are checked by
+:mod:`claudecluster.preflight`, scheduling is in :mod:`claudecluster.dispatch`, the work in
+the tasks, the verdict in :mod:`claudecluster.summary`.
+
+Started from the Prefect UI or ``prefect deployment run``, it checks its inputs exactly as
+the CLI does, before any model request: a bad run fails at once, saying why in one line.
 """
 
 from __future__ import annotations
 
 import time
 from contextlib import ExitStack
-from pathlib import Path
 from typing import Any
 
-from prefect import flow, get_run_logger
-from prefect.artifacts import create_markdown_artifact
+from prefect import flow, get_run_logger, tags
 from prefect.client.schemas.objects import FlowRun, State
-from prefect.context import FlowRunContext
 from prefect.states import Completed, Failed
 
 from claudecluster import remote
-from claudecluster.artifacts import artifact_key, plan_markdown, publish_run_artifacts
+from claudecluster.artifacts import publish_plan_artifact, publish_run_artifacts
 from claudecluster.checks import DEFAULT_MAX_TASKS
 from claudecluster.concurrency import session_slot
 from claudecluster.dispatch import RunContext, run_tasks
@@ -29,8 +30,9 @@ from claudecluster.gitops import BRANCH_PREFIX
 from claudecluster.journal import RunJournal
 from claudecluster.models import RunReport, RunStatus, TaskResult, WorkerSettings
 from claudecluster.plan import Plan
-from claudecluster.preflight import prepare_goal
+from claudecluster.preflight import PreparedGoal, prepare_goal
 from claudecluster.progress import RunProgress
+from claudecluster.runs import RunIdentity, current_identity, tag_current_run
 from claudecluster.server_watch import current_watch
 from claudecluster.session import SessionHost, preload_sdk
 from claudecluster.summary import build_report, interrupted_report, planning_failed_report
@@ -46,14 +48,6 @@ def publish_branches(repo: Any, report: RunReport, *, env: dict[str, str]) -> No
         branches.append(report.integration_branch)
     for branch in branches:
         remote.push(repo, branch, env=env)
-
-
-def _goal_run_name() -> str:
-    """The flow run's name is its run id: the one given, or a new one (deployment runs)."""
-    from prefect.runtime import flow_run
-
-    given = flow_run.parameters.get("run_id")
-    return str(given) if given else new_run_id()
 
 
 def cancel_child_runs(flow: Any, flow_run: FlowRun, state: State[Any]) -> None:
@@ -82,61 +76,113 @@ def cancel_child_runs(flow: Any, flow_run: FlowRun, state: State[Any]) -> None:
 
 @flow(
     name="claudecluster-goal",
-    flow_run_name=_goal_run_name,
+    flow_run_name=new_run_id,
     log_prints=False,
     on_cancellation=[cancel_child_runs],
 )
 def goal_flow(
-    goal: str = "",
+    goal: str,
     repo: str | None = None,
+    repo_block: str | None = None,
+    base: str | None = None,
     plan: Plan | None = None,
     verify: str | None = None,
+    pool: str | None = None,
     max_parallel: int = 2,
     max_tasks: int | None = None,
-    settings: WorkerSettings | None = None,
-    base_commit: str | None = None,
-    run_id: str = "",
-    worktree_root: str | None = None,
-    pool: str | None = None,
-    settings_block: str | None = None,
-    repo_block: str | None = None,
     budget_usd: float | None = None,
+    settings: WorkerSettings | None = None,
+    settings_block: str | None = None,
 ) -> State[RunReport]:
-    """Turn ``goal`` into a plan, run it, merge it and report; the run fails unless all did.
+    """Turn a goal into a plan, run it, merge it and report; the run fails unless all did.
 
-    ``repo`` (or a TargetRepository block named by ``repo_block``) is the repository;
-    ``settings_block`` names a ClaudeCodeSettings block, whose values ``settings`` overrides.
-    ``budget_usd`` caps the goal's spending: once reached, no further task starts.
+    Args:
+        goal: What the run should achieve, in a sentence or two (for example "Add type hints
+            to every module"). With a plan, its own goal is used when this is empty.
+        repo: The git repository: a path on the machine this run runs on, or a git URL.
+        repo_block: A ClaudeCluster Target Repository block to use instead of repo (it can
+            hold credentials for a URL).
+        base: The branch, tag or commit the tasks start from; HEAD (or the repository
+            block's branch) when empty.
+        plan: A plan to run instead of asking the planner (the plan file's format).
+        verify: The shell command that checks the work, run after each task and on the
+            integration branch (for example "python -m pytest -q"); overrides the plan's.
+        pool: The work pool for tasks that name none; empty runs them in this flow run.
+        max_parallel: How many Claude Code sessions run at once.
+        max_tasks: The most tasks the planner may plan (default 12).
+        budget_usd: The most the whole goal may spend, in USD; sessions stop once it is spent.
+        settings: Model, permissions and per-session limits (override the settings block).
+        settings_block: A ClaudeCluster Claude Code Settings block (model, limits, API key).
     """
     preload_sdk()  # overlaps with the start-up below, which mostly waits on the server
-    logger = get_run_logger()
     started = time.monotonic()
-    context = FlowRunContext.get()
-    run_id = run_id or (context.flow_run.name if context and context.flow_run else new_run_id())
-    root = Path(worktree_root) if worktree_root else default_worktree_root()
-    try:
-        prepared = prepare_goal(
-            goal=goal,
-            repo=repo,
-            repo_block=repo_block,
-            plan=plan,
-            verify=verify,
+    identity = current_identity(goal=goal or (plan.goal if plan else None))
+    tag_current_run(identity.tags)
+    with tags(*identity.tags):
+        try:
+            prepared = prepare_goal(
+                goal=goal,
+                repo=repo,
+                repo_block=repo_block,
+                plan=plan,
+                verify=verify,
+                max_parallel=max_parallel,
+                max_tasks=max_tasks,
+                settings=settings,
+                settings_block=settings_block,
+                budget_usd=budget_usd,
+                base_commit=base,
+                pool=pool,
+                worktree_root=default_worktree_root(),
+            )
+        except ClaudeClusterError as exc:
+            return _not_started(identity, exc)
+        return _drive(
+            identity,
+            prepared,
             max_parallel=max_parallel,
             max_tasks=max_tasks,
-            settings=settings,
-            settings_block=settings_block,
-            budget_usd=budget_usd,
-            base_commit=base_commit,
+            verify=verify,
             pool=pool,
-            worktree_root=root,
+            started=started,
+            settings_block=settings_block,
+            repo_block=repo_block,
         )
-    except ClaudeClusterError as exc:
-        # Bad input: a failed run that says why in one line, before any model request.
-        logger.error("not started: %s", exc.one_line())
-        return Failed(data=exc, message=exc.one_line())
+
+
+def _not_started(identity: RunIdentity, exc: ClaudeClusterError) -> State[RunReport]:
+    """Bad input: a failed run that says why in one line, before any model request."""
+    from prefect.artifacts import create_markdown_artifact
+
+    from claudecluster.naming import artifact_key
+
+    get_run_logger().error("not started: %s", exc.one_line())
+    create_markdown_artifact(
+        key=artifact_key(identity.scope, "summary"),
+        markdown=f"# ClaudeCluster run {identity.run_id}: NOT STARTED\n\n> {exc.one_line()}\n",
+        description=f"Summary of run {identity.run_id}",
+    )
+    return Failed(data=exc, message=exc.one_line())
+
+
+def _drive(
+    identity: RunIdentity,
+    prepared: PreparedGoal,
+    *,
+    max_parallel: int,
+    max_tasks: int | None,
+    verify: str | None,
+    pool: str | None,
+    started: float,
+    settings_block: str | None,
+    repo_block: str | None,
+) -> State[RunReport]:
+    logger = get_run_logger()
+    run_id, scope = identity.run_id, identity.scope
     goal, target, resolved = prepared.goal, prepared.target, prepared.settings
+    root = default_worktree_root()
     host = SessionHost(slot=session_slot, env=resolved.env)
-    progress = RunProgress(run_id)
+    progress = RunProgress(run_id, scope=scope)
     planner_result: TaskResult | None = None
     plan = prepared.plan
     if plan is None:
@@ -159,21 +205,18 @@ def goal_flow(
                 target.base_commit,
                 planner_result,
                 started,
-                _flow_run_id(),
+                identity.flow_run_id,
             )
             RunJournal(run_id).save_report(report)
-            publish_run_artifacts(report, None)
+            publish_run_artifacts(report, None, scope)
             progress.complete(f"run failed: {planner_result.error}")
             return Failed(data=report, message=planner_result.error or "the planner failed")
         progress.cost_usd += planner_result.cost_usd
     plan.goal = plan.goal or goal
-    create_markdown_artifact(
-        key=artifact_key(run_id, "plan"), markdown=plan_markdown(plan), description="The plan"
-    )
+    publish_plan_artifact(plan, scope)
     progress.planned(len(plan.tasks))
     logger.info("run %s: %d tasks from %s", run_id, len(plan.tasks), target.base_commit[:12])
 
-    targets = prepared.pools
     watch = current_watch()
 
     def report_interrupted(results: dict[str, TaskResult]) -> None:
@@ -189,13 +232,13 @@ def goal_flow(
             started=started,
             lost_at=watch.lost_at if watch else None,
             budget_usd=resolved.budget_usd,
-            flow_run_id=_flow_run_id(),
+            flow_run_id=identity.flow_run_id,
         )
         RunJournal(run_id).save_report(report)
 
     with ExitStack() as stack:
         repo_url = target.url
-        if repo_url is None and not all(t.shares_disk for t in targets.values()):
+        if repo_url is None and not all(t.shares_disk for t in prepared.pools.values()):
             repo_url = stack.enter_context(remote.ServedRepository(target.root)).url
             logger.info("serving %s to the pools' workers at %s", target.root, repo_url)
         run = RunContext(
@@ -208,12 +251,15 @@ def goal_flow(
             pool=pool,
             settings_block=settings_block,
             repo_block=repo_block,
-            targets=targets,
+            targets=prepared.pools,
             repo_url=repo_url,
             budget_usd=resolved.budget_usd,
             session_env=resolved.env,
             server_watch=watch,
             on_drained=report_interrupted,
+            tags=identity.tags,
+            artifact_scope=scope,
+            origin_env=target.git_env if target.url else None,
         )
         results = run_tasks(plan, run, progress)
     if watch is not None and watch.lost.is_set():
@@ -244,19 +290,14 @@ def goal_flow(
         integration=integration,
         planner=planner_result,
         started=started,
-        flow_run_id=_flow_run_id(),
+        flow_run_id=identity.flow_run_id,
         budget_usd=resolved.budget_usd,
     )
     RunJournal(run_id).save_report(report)
     if target.url:
         publish_branches(target.repo, report, env=dict(target.git_env))
-    publish_run_artifacts(report, plan)
+    publish_run_artifacts(report, plan, scope)
     progress.complete(f"run {report.status}")
     if report.status is RunStatus.SUCCEEDED:
         return Completed(data=report, message="every task succeeded, merged and verified")
     return Failed(data=report, message=report.error or "the run failed")
-
-
-def _flow_run_id() -> str | None:
-    context = FlowRunContext.get()
-    return str(context.flow_run.id) if context and context.flow_run else None

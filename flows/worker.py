@@ -8,10 +8,13 @@ UI, and is cancelled with it.
 
 from __future__ import annotations
 
-from prefect import flow
-from prefect.client.schemas.objects import State
+import uuid
 
-from claudecluster.models import TaskResult, WorkUnit
+from prefect import flow, get_run_logger
+from prefect.client.schemas.objects import State
+from prefect.states import Failed
+
+from claudecluster.models import FailureReason, TaskResult, WorkUnit
 from claudecluster.pools import WORKER_FLOW_NAME
 from claudecluster.tasks.worker import as_state, run_unit
 
@@ -25,9 +28,44 @@ from claudecluster.tasks.worker import as_state, run_unit
 async def worker_flow(unit: WorkUnit) -> State[TaskResult]:
     """Run one task in its own worktree and branch; the run fails unless the task did its work.
 
-    The TaskResult is the run's (persisted) data either way.
+    The TaskResult is the run's (persisted) data either way. A result storage this worker
+    cannot write is found before the session starts, so nothing is paid for a result that
+    could not come back.
 
     Args:
         unit: The task and everything its worker needs (see WorkUnit).
     """
+    problem = await result_storage_problem()
+    if problem is not None:
+        get_run_logger().error("not started: %s", problem)
+        return Failed(message=f"{FailureReason.RESULT_STORAGE}: {problem}")
     return as_state(await run_unit(unit))
+
+
+async def result_storage_problem() -> str | None:
+    """Why this process cannot persist results to its configured storage block, or None.
+
+    Only a configured block is tried (``PREFECT_RESULTS_DEFAULT_STORAGE_BLOCK``): a small
+    file is written, read back and left (under ``claudecluster-probe/``). Without one the
+    results go to the local disk, and the driver rebuilds a result it cannot read from the
+    task branch.
+    """
+    from prefect.blocks.core import Block
+    from prefect.settings import get_current_settings
+
+    slug = get_current_settings().results.default_storage_block
+    if not slug:
+        return None
+    probe = f"claudecluster-probe/{uuid.uuid4().hex}"
+    try:
+        block = await Block.aload(slug)
+        await block.write_path(probe, b"ok")  # type: ignore[attr-defined]
+        if await block.read_path(probe) != b"ok":  # type: ignore[attr-defined]
+            return f"result storage {slug} did not give back what was written to it"
+    except Exception as exc:  # any failure: what it is matters more than its class
+        return (
+            f"cannot persist results to {slug}: {type(exc).__name__}: {str(exc)[:300]}; "
+            "install what it needs in the worker image (EXTRA_PACKAGES) or choose another "
+            "block with claudecluster setup --result-storage"
+        )
+    return None

@@ -16,7 +16,7 @@ from claudecluster.resolve import Resolution, Resolver, resolve_conflict
 from claudecluster.session import SessionHost
 
 
-@task(name="integrate", cache_policy=NONE)
+@task(name="integrate", task_run_name="integrate", cache_policy=NONE)
 def integrate_branches(
     repo: str,
     base_commit: str,

@@ -16,7 +16,7 @@ from claudecluster.planner import run_planner
 from claudecluster.session import SessionHost
 
 
-@task(name="plan", cache_policy=NONE)
+@task(name="plan", task_run_name="plan", cache_policy=NONE)
 def plan_goal(
     goal: str,
     repo: str,

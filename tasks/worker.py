@@ -51,11 +51,17 @@ def crashed(task: Any, task_run: Any, state: State[Any]) -> bool:
 
 
 def as_state(result: TaskResult) -> State[TaskResult]:
-    """Completed for a task that did its work, Failed otherwise; the result rides along."""
+    """Completed for a task that did its work, Failed otherwise; the result rides along.
+
+    The message says how the task ended and what it cost, in the run's state itself: a
+    driver whose result storage is out of reach still learns it (see
+    :func:`claudecluster.dispatch.recover_result`).
+    """
+    spent = f"(${result.cost_usd:.4f}, {result.turns} turns)"
     if result.status.ok:
-        return Completed(data=result, message=str(result.status))
+        return Completed(data=result, message=f"{result.status} {spent}")
     reason = result.failure_reason or result.status
-    return Failed(data=result, message=f"{reason}: {result.error or result.status}")
+    return Failed(data=result, message=f"{reason}: {result.error or result.status} {spent}")
 
 
 @task(
@@ -77,7 +83,8 @@ async def run_worker(unit: WorkUnit, host: SessionHost | None = None) -> State[T
         host = SessionHost(slot=session_slot, env=env)
     git_env = await git_env_from_block(unit.repo_block) if unit.repo_block else None
     result = await execute_task(unit, host=host.with_log(logger.info), git_env=git_env)
-    await publish_task_artifacts(result, unit.run_id)
+    if unit.publish_artifacts:
+        await publish_task_artifacts(result, unit.artifact_scope or unit.run_id)
     logger.info(
         "task %s %s: %d files, +%d/-%d, %d turns, $%.4f%s",
         unit.spec.id,

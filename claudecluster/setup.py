@@ -10,6 +10,7 @@ root::
 
 from __future__ import annotations
 
+import copy
 import json
 from importlib.resources import files
 from typing import Any
@@ -56,16 +57,28 @@ def base_job_template(path: str) -> dict[str, Any]:
     return data
 
 
-def ensure_pool(name: str, worker_type: str, template: dict[str, Any]) -> str:
-    """Create the work pool, or update its template; returns 'created' or 'updated'."""
+def ensure_pool(
+    name: str,
+    worker_type: str,
+    template: dict[str, Any],
+    overrides: dict[str, Any] | None = None,
+) -> str:
+    """Create the work pool, or update its template; returns 'created' or 'updated'.
+
+    An existing pool keeps what was set on it (in the UI, by an earlier ``setup``, with
+    ``prefect work-pool update``): its variables' defaults win over the shipped template's,
+    environment variables merge key by key. Only ``overrides`` (variable name to default,
+    ``env`` merged) replace what is there: what this ``setup`` was explicitly asked to set.
+    """
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.actions import WorkPoolCreate, WorkPoolUpdate
     from prefect.exceptions import ObjectNotFound
 
     with get_client(sync_client=True) as client:
         try:
-            client.read_work_pool(name)
+            existing = client.read_work_pool(name)
         except ObjectNotFound:
+            template = _with_defaults(template, overrides or {})
             client.create_work_pool(
                 WorkPoolCreate(
                     name=name,
@@ -75,8 +88,39 @@ def ensure_pool(name: str, worker_type: str, template: dict[str, Any]) -> str:
                 )
             )
             return "created"
-        client.update_work_pool(name, WorkPoolUpdate(base_job_template=template))
+        merged = _with_defaults(
+            merged_template(template, existing.base_job_template), overrides or {}
+        )
+        client.update_work_pool(name, WorkPoolUpdate(base_job_template=merged))
         return "updated"
+
+
+def merged_template(ours: dict[str, Any], theirs: dict[str, Any] | None) -> dict[str, Any]:
+    """The shipped template ``ours`` with the variable defaults an existing pool has."""
+    merged = copy.deepcopy(ours)
+    have = ((theirs or {}).get("variables") or {}).get("properties") or {}
+    for name, variable in merged["variables"]["properties"].items():
+        if name not in have or "default" not in have[name]:
+            continue
+        if name == "env":
+            variable["default"] = {**variable.get("default", {}), **(have[name]["default"] or {})}
+        else:
+            variable["default"] = have[name]["default"]
+    return merged
+
+
+def _with_defaults(template: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
+    """``template`` with these variables' defaults set (``env`` merged into its own)."""
+    result = copy.deepcopy(template)
+    variables = result["variables"]["properties"]
+    for name, value in defaults.items():
+        if name not in variables:
+            continue
+        if name == "env":
+            variables[name]["default"] = {**variables[name].get("default", {}), **value}
+        else:
+            variables[name]["default"] = value
+    return result
 
 
 def register_blocks() -> list[str]:
@@ -88,6 +132,11 @@ def register_blocks() -> list[str]:
         block.register_type_and_schema(_sync=True)  # type: ignore[call-arg]
         registered.append(block.get_block_type_slug())
     return registered
+
+
+def result_storage_env(block_slug: str) -> dict[str, str]:
+    """The job environment that makes flow runs persist results to ``block_slug``."""
+    return {"PREFECT_RESULTS_DEFAULT_STORAGE_BLOCK": block_slug}
 
 
 def with_result_storage(template: dict[str, Any], block_slug: str) -> dict[str, Any]:
@@ -119,21 +168,31 @@ def setup(
     result_storage: str | None = None,
     starts_per_second: float | None = None,
     start_burst: int | None = None,
+    image: str | None = None,
 ) -> SetupReport:
     """Create pools, the session limit and the block types on the current Prefect server.
 
     ``result_storage`` is the slug of a filesystem block (``remote-file-system/NAME``,
-    ``s3-bucket/NAME``, ...) that container pools persist their results to.
+    ``s3-bucket/NAME``, ...) that container pools persist their results to; without one
+    they need none on a single machine (the driver rebuilds a result from the task branch).
+    ``image`` is the worker image for the container pools (for example one pushed to a
+    registry); they then pull it when a host does not have it. A pool that exists keeps
+    every setting these do not name.
     """
     created = {}
     for name in pools or list(POOLS):
         worker_type, template_path = POOLS[name]
         template = base_job_template(template_path)
-        if result_storage and worker_type != "process":
-            template = with_result_storage(template, result_storage)
-        elif worker_type == "process":
+        overrides: dict[str, Any] = {}
+        if worker_type == "process":
             template = with_local_results(template, local_results())
-        created[name] = ensure_pool(name, worker_type, template)
+        else:
+            if result_storage:
+                overrides["env"] = result_storage_env(result_storage)
+            if image:
+                overrides["image"] = image
+                overrides["image_pull_policy"] = "IfNotPresent"
+        created[name] = ensure_pool(name, worker_type, template, overrides)
     limits = ensure_limits(sessions, starts_per_second=starts_per_second, start_burst=start_burst)
     return SetupReport(
         pools=created,

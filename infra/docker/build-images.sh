@@ -224,7 +224,7 @@ build_worker() {
     cp "$here/Dockerfile" "$ctx/Dockerfile"
     base_id=$(docker image inspect --format '{{.Id}}' "$BASE_IMAGE")
     hash=$( (cd "$ctx" && find . -type f -print0 | LC_ALL=C sort -z | xargs -0 sha256sum
-             echo "base $base_id") | sha256sum | cut -c1-32)
+             echo "base $base_id"; echo "extra ${EXTRA_PACKAGES:-}") | sha256sum | cut -c1-32)
     current=$(docker image inspect --format "{{ index .Config.Labels \"$HASH_LABEL\" }}" \
         "$WORKER_IMAGE" 2>/dev/null || true)
     if [[ $FORCE != 1 && $current == "$hash" ]]; then
@@ -240,7 +240,8 @@ build_worker() {
     else
         builder=0
     fi
-    local args=(--network host --build-arg "BASE_IMAGE=$BASE_IMAGE" --file "$ctx/Dockerfile")
+    local args=(--network host --build-arg "BASE_IMAGE=$BASE_IMAGE" --file "$ctx/Dockerfile"
+                --build-arg "EXTRA_PACKAGES=${EXTRA_PACKAGES:-}")
     for var in HTTP_PROXY HTTPS_PROXY NO_PROXY http_proxy https_proxy no_proxy; do
         if [[ -n ${!var:-} ]]; then args+=(--build-arg "$var"); fi
     done

@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
@@ -33,6 +34,7 @@ UUID_RE = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{
 DEFAULT_SESSIONS = 8
 
 # Loopback requests must never go through a proxy from the environment.
+_API_TRIES = 5
 _OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
@@ -60,8 +62,16 @@ class Cluster:
             method=method,
             headers={"Content-Type": "application/json"},
         )
-        with _OPENER.open(request, timeout=30) as response:
-            raw = response.read()
+        for attempt in range(_API_TRIES):
+            try:
+                with _OPENER.open(request, timeout=30) as response:
+                    raw = response.read()
+                break
+            except urllib.error.HTTPError as exc:
+                # A busy SQLite server answers 503; Prefect's own client retries it too.
+                if exc.code != 503 or attempt == _API_TRIES - 1:
+                    raise
+                time.sleep(0.5 * (attempt + 1))
         return json.loads(raw) if raw else None
 
     def flow_run(self, flow_run_id: str) -> dict[str, Any]:

@@ -39,6 +39,7 @@ from claudecluster.models import (
     WorkerSettings,
     WorkUnit,
 )
+from claudecluster.naming import artifact_scope
 from claudecluster.plan import Plan
 from claudecluster.testing import (
     Entry,
@@ -785,16 +786,15 @@ class TestFinishedRun:
     def test_task_artifacts(self, finished_run: FinishedRun) -> None:
         report = finished_run.report
         run_id = report.run_id
+        scope = artifact_scope(deployment=None, goal=report.goal)  # stable across runs
         keys = [
-            f"{run_id}-{t}-{kind}"
-            for t in ("calc-doc", "strings-doc")
-            for kind in ("diff", "tests")
+            f"{scope}-{t}-{kind}" for t in ("calc-doc", "strings-doc") for kind in ("diff", "tests")
         ]
 
         found = read_artifacts(keys)
 
         assert sorted(found) == sorted(keys)
-        diff = found[f"{run_id}-calc-doc-diff"]
+        diff = found[f"{scope}-calc-doc-diff"]
         assert diff.type == "markdown"
         assert isinstance(diff.data, str)
         assert '+    """Add two numbers."""' in diff.data
@@ -802,9 +802,9 @@ class TestFinishedRun:
         assert f"claudecluster/{run_id}/calc-doc" in diff.data
         assert "USER'S UNCOMMITTED EDIT" not in diff.data
         assert str(diff.flow_run_id) == report.flow_run_id and diff.task_run_id is not None
-        strings_diff = found[f"{run_id}-strings-doc-diff"].data
+        strings_diff = found[f"{scope}-strings-doc-diff"].data
         assert isinstance(strings_diff, str) and '"""Upper-case text."""' in strings_diff
-        tests = found[f"{run_id}-calc-doc-tests"]
+        tests = found[f"{scope}-calc-doc-tests"]
         assert tests.type == "table"
         [row] = table(tests)
         assert row["command"] == VERIFY and row["exit_code"] == 0
@@ -814,32 +814,33 @@ class TestFinishedRun:
     def test_run_artifacts(self, finished_run: FinishedRun) -> None:
         report = finished_run.report
         run_id = report.run_id
-        keys = [f"{run_id}-tasks", f"{run_id}-summary", f"{run_id}-progress"]
+        scope = artifact_scope(deployment=None, goal=report.goal)
+        keys = [f"{scope}-tasks", f"{scope}-summary", f"{scope}-progress"]
 
         found = read_artifacts(keys)
 
         assert sorted(found) == sorted(keys)
-        rows = table(found[f"{run_id}-tasks"])
+        rows = table(found[f"{scope}-tasks"])
         assert [row["task"] for row in rows] == ["calc-doc", "strings-doc"]
         assert [row["status"] for row in rows] == ["succeeded", "succeeded"]
         assert all(row["tests"] == "2 passed, 0 failed" and row["files"] == 1 for row in rows)
-        summary = found[f"{run_id}-summary"].data
+        summary = found[f"{scope}-summary"].data
         assert isinstance(summary, str)
         assert f"# ClaudeCluster run {run_id}: succeeded" in summary
         assert f"`claudecluster/{run_id}/integration`" in summary
         assert (report.head_commit or "")[:12] in summary
         assert f"`{VERIFY}` passed (2 passed, 0 failed)" in summary
         assert "`strings-doc` docs: Doc strings (after calc-doc)" in summary
-        assert float(found[f"{run_id}-progress"].data) == 100.0  # type: ignore[arg-type]
+        assert float(found[f"{scope}-progress"].data) == 100.0  # type: ignore[arg-type]
 
     def test_plan_artifact_for_a_plan_file(self, finished_run: FinishedRun) -> None:
         # The README promises the plan as a per-run artifact, planner or plan file alike.
-        run_id = finished_run.report.run_id
+        scope = artifact_scope(deployment=None, goal=finished_run.report.goal)
 
-        found = read_artifacts([f"{run_id}-plan"])
+        found = read_artifacts([f"{scope}-plan"])
 
-        assert f"{run_id}-plan" in found, "a run from a plan file has no plan artifact"
-        plan_md = found[f"{run_id}-plan"].data
+        assert f"{scope}-plan" in found, "a run from a plan file has no plan artifact"
+        plan_md = found[f"{scope}-plan"].data
         assert isinstance(plan_md, str)
         assert "| `strings-doc` | docs | Doc strings | strings.py | calc-doc |" in plan_md
 
@@ -890,7 +891,8 @@ class TestPlannedRun:
             report.planner.cost_usd + sum(t.cost_usd for t in report.tasks), abs=1e-5
         )
         assert report.final_verify is not None and report.final_verify.ok
-        plan_md = read_artifacts([f"{run_id}-plan"])[f"{run_id}-plan"].data
+        scope = artifact_scope(deployment=None, goal=report.goal)
+        plan_md = read_artifacts([f"{scope}-plan"])[f"{scope}-plan"].data
         assert isinstance(plan_md, str)
         assert "| `beta` | other | Task beta | beta.txt | alpha |" in plan_md
 

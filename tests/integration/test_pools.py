@@ -665,7 +665,13 @@ class TestCancel:
         }
         goal_id = cluster.run_deployment(
             GOAL_DEPLOYMENT,
-            {"repo": str(repo), "plan": plan, "pool": POOL, "settings": {"timeout_s": 600}},
+            {
+                "goal": "Hang",
+                "repo": str(repo),
+                "plan": plan,
+                "pool": POOL,
+                "settings": {"timeout_s": 600},
+            },
         )
 
         def sessions_hanging() -> bool:

@@ -21,8 +21,9 @@ from claudecluster.models import (
 from claudecluster.plan import Plan
 from claudecluster.resolve import Resolution, resolve_conflict
 from claudecluster.session import SessionHost, SessionRequest
+from claudecluster.target import open_target
 from claudecluster.testing import FakeRunner, stopped, writes
-from claudecluster.worker import execute_task
+from claudecluster.worker import execute_task, result_from_branch
 from tests.conftest import git, snapshot
 
 PASSING = "python -c 'pass'"
@@ -198,6 +199,57 @@ class TestWorker:
         assert seen == [True]
         assert result.status is TaskStatus.NO_CHANGES
         assert result.base_commit != git(repo, "rev-parse", "HEAD").strip()
+
+
+class TestResultFromBranch:
+    """A task's result rebuilt from its branch alone (its worker ran elsewhere, its record
+    was lost): what the commit's trailers say, the diff, and the verify run again."""
+
+    def test_a_finished_session(self, repo: Path, worktree_root: Path) -> None:
+        unit = unit_for(repo, worktree_root, verify=PASSING)
+        runner = FakeRunner(
+            lambda r: writes(r, {"notes.md": "hi\n"}, turns=3, cost_usd=0.25, duration_s=7.25)
+        )
+        ran = run(unit, runner)
+
+        rebuilt = result_from_branch(unit, open_target(str(repo)), worktree_root)
+
+        assert rebuilt is not None
+        assert rebuilt.status is TaskStatus.SUCCEEDED
+        assert (rebuilt.branch, rebuilt.head_commit) == (ran.branch, ran.head_commit)
+        assert (rebuilt.cost_usd, rebuilt.turns, rebuilt.duration_s) == (0.25, 3, 7.2)
+        assert [f.path for f in rebuilt.files] == ["notes.md"] and "+hi" in rebuilt.diff
+        assert rebuilt.test_report is not None and rebuilt.test_report.command == PASSING
+
+    def test_a_stopped_session_keeps_its_reason_and_is_not_verified(
+        self, repo: Path, worktree_root: Path
+    ) -> None:
+        unit = unit_for(repo, worktree_root, verify=PASSING)
+        runner = FakeRunner(
+            lambda r: (
+                writes(r, {"half.py": "x = 1\n"})
+                and stopped(FailureReason.TIMEOUT, "timed out", turns=4, cost_usd=0.5)
+            )
+        )
+        run(unit, runner)
+
+        rebuilt = result_from_branch(unit, open_target(str(repo)), worktree_root)
+
+        assert rebuilt is not None
+        assert (rebuilt.status, rebuilt.failure_reason) == (
+            TaskStatus.FAILED,
+            FailureReason.TIMEOUT,
+        )
+        assert (rebuilt.cost_usd, rebuilt.turns) == (0.5, 4)
+        assert rebuilt.test_report is None
+
+    def test_another_units_commit_is_not_taken(self, repo: Path, worktree_root: Path) -> None:
+        unit = unit_for(repo, worktree_root)
+        run(unit, FakeRunner(lambda r: writes(r, {"a.txt": "a\n"})))
+        changed = unit.model_copy(
+            update={"spec": unit.spec.model_copy(update={"prompt": "something else"})}
+        )
+        assert result_from_branch(changed, open_target(str(repo)), worktree_root) is None
 
 
 def merged_branches(repo: Path, root: Path, contents: dict[str, str]) -> dict[str, TaskResult]:

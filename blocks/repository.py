@@ -36,6 +36,22 @@ class TargetRepository(Block):
         default=None, description="Token or password for https URLs (never logged)."
     )
 
+    forge_token: SecretStr | None = Field(
+        default=None,
+        description="Token for the forge's API (GitHub, Gitea) and pushes of pull request "
+        "branches; never given to a Claude Code session. Defaults to credentials.",
+    )
+    forge_api_url: str | None = Field(
+        default=None,
+        description="The forge's API base URL when it is not github.com (for example "
+        "https://git.example.com/api/v3 for GitHub Enterprise, /api/v1 for Gitea).",
+    )
+
+    def forge_credentials(self) -> tuple[str | None, str | None]:
+        """The forge token (the forge token, else the git credentials) and API URL."""
+        secret = self.forge_token or self.credentials
+        return (secret.get_secret_value() if secret else None), self.forge_api_url
+
     def git_env(self) -> dict[str, str]:
         """Git's environment for this block's credentials (empty without any)."""
         from claudecluster.remote import credential_env

@@ -10,7 +10,13 @@ from prefect.blocks.core import Block
 from pydantic import Field, SecretStr
 
 from claudecluster.blocks.loading import load_block
-from claudecluster.models import PermissionPolicy, WorkerSettings
+from claudecluster.models import (
+    PermissionPolicy,
+    PullRequestMode,
+    PullRequestOptions,
+    ReviewMode,
+    WorkerSettings,
+)
 
 
 class ClaudeCodeSettings(Block):
@@ -58,6 +64,17 @@ class ClaudeCodeSettings(Block):
     )
     base_url: str | None = Field(
         default=None, description="Anthropic-compatible endpoint, if not the default API."
+    )
+
+    pull_request: PullRequestMode | None = Field(
+        default=None,
+        description="What runs do with their integration branch: off, branch (push it), "
+        "draft or ready (open or update a pull request). Off when unset.",
+    )
+    review: ReviewMode | None = Field(
+        default=None,
+        description="The review a pull request gets: none, summary (one comment) or lines "
+        "(the comment and a review with line comments). Summary when unset.",
     )
 
     def worker_settings(self, **overrides: Any) -> WorkerSettings:
@@ -128,3 +145,20 @@ async def session_env_from_block(block_name: str) -> dict[str, str]:
 def load_settings_block(name: str) -> ClaudeCodeSettings:
     """Load a ClaudeCodeSettings block by name (from synchronous code)."""
     return load_block(ClaudeCodeSettings, name, "settings")
+
+
+def resolve_pull_request(
+    mode: PullRequestMode | None,
+    review: ReviewMode | None,
+    forge_api_url: str | None,
+    block_name: str | None,
+) -> PullRequestOptions:
+    """What the run does on the forge: explicit values over the settings block over the
+    defaults (off; a summary review)."""
+    block = load_settings_block(block_name) if block_name else None
+    values: dict[str, Any] = {
+        "mode": mode or (block.pull_request if block else None),
+        "review": review or (block.review if block else None),
+        "forge_api_url": forge_api_url,
+    }
+    return PullRequestOptions(**{k: v for k, v in values.items() if v is not None})

@@ -24,7 +24,7 @@ from claudecluster.checks import (
     require_credentials,
 )
 from claudecluster.errors import UsageError
-from claudecluster.models import RunReport, WorkerSettings
+from claudecluster.models import PullRequestMode, ReviewMode, RunReport, WorkerSettings
 from claudecluster.plan import Plan, load_plan_file
 from claudecluster.prefect_server import ServerInfo
 from claudecluster.remote import is_remote
@@ -69,6 +69,9 @@ def run_goal(
     settings_block: str | None = None,
     repo_block: str | None = None,
     budget_usd: float | None = None,
+    pr: PullRequestMode | str | None = None,
+    review: ReviewMode | str | None = None,
+    forge_api_url: str | None = None,
     announce: Callable[[str], None] | None = None,
     on_interrupted: Callable[[RunReport], None] | None = None,
 ) -> RunReport:
@@ -77,7 +80,9 @@ def run_goal(
     ``goal`` may be None when the plan (file) states it. With neither ``plan`` nor
     ``plan_file`` the LLM planner plans. ``pool`` runs tasks that name no pool on that work
     pool (default: in-process). ``budget_usd`` caps the goal's spending (no task starts once
-    it is spent). ``settings_block`` and ``repo_block`` name Prefect blocks;
+    it is spent). ``pr`` pushes the integration branch and opens or updates its pull request
+    (``branch``, ``draft`` or ``ready``; see :mod:`claudecluster.pull_request`), with the
+    ``review`` it asks for. ``settings_block`` and ``repo_block`` name Prefect blocks;
     explicitly set fields of ``settings`` override the settings block. The run uses
     ``PREFECT_API_URL`` when set, else the local ClaudeCluster Prefect server (started on
     first use), or Prefect's throwaway backend with ``ephemeral=True``; ``announce`` is told
@@ -103,6 +108,13 @@ def run_goal(
         target = open_target(repo, base=base)
         repo, base = str(target.root), target.base_commit
         plan = prepare_plan(target.root, plan=plan, plan_file=None, max_tasks=max_tasks)
+        if pr and PullRequestMode(pr) is not PullRequestMode.OFF and repo_block is None:
+            from claudecluster.pull_request import prepare_forge_target
+
+            # The goal flow checks it again; here a wrong token fails before a server starts.
+            prepare_forge_target(
+                target.repo, location=None, base=base, token=None, api_url=forge_api_url
+            )
     goal_text = goal if goal and goal.strip() else (plan.goal if plan else None)
     goal_text = check_goal(goal_text or "")
     check_parameter_size(
@@ -132,6 +144,9 @@ def run_goal(
         "budget_usd": budget_usd,
         "settings": settings,
         "settings_block": settings_block,
+        "pr": PullRequestMode(pr) if pr else None,
+        "review": ReviewMode(review) if review else None,
+        "forge_api_url": forge_api_url,
     }
     with worktrees_in(Path(worktree_root) if worktree_root else None):
         return host_goal(run_id, parameters, server, on_interrupted)

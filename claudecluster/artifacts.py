@@ -22,6 +22,7 @@ from claudecluster.models import RunReport, TaskResult
 from claudecluster.naming import artifact_key
 from claudecluster.plan import Plan
 from claudecluster.redact import redact
+from claudecluster.summary import run_table_rows
 
 ARTIFACT_DIFF_CAP_BYTES = 60_000
 
@@ -115,36 +116,6 @@ def plan_markdown(plan: Plan) -> str:
     return redact("\n".join(lines))
 
 
-def run_table_rows(report: RunReport) -> list[dict[str, object]]:
-    """One row per task for the run-level table artifact."""
-    rows: list[dict[str, object]] = []
-    unmerged = {u.id for u in report.unmerged}
-    for result in report.tasks:
-        tests = "-"
-        if result.test_report is not None:
-            t = result.test_report
-            tests = (
-                f"{t.passed} passed, {t.failed} failed"
-                if t.passed is not None
-                else ("ok" if t.ok else f"exit {t.exit_code}")
-            )
-        rows.append(
-            {
-                "task": result.id,
-                "kind": result.kind,
-                "status": str(result.status) + (" (unmerged)" if result.id in unmerged else ""),
-                "files": len(result.files),
-                "+lines": result.added,
-                "-lines": result.removed,
-                "tests": tests,
-                "turns": result.turns,
-                "cost_usd": round(result.cost_usd, 4),
-                "duration_s": round(result.duration_s, 1),
-            }
-        )
-    return rows
-
-
 def run_summary_markdown(report: RunReport, plan: Plan | None) -> str:
     """The run's markdown summary: goal, plan, branch, final verify, totals."""
     verdict = "succeeded" if report.status == "succeeded" else "FAILED"
@@ -161,6 +132,10 @@ def run_summary_markdown(report: RunReport, plan: Plan | None) -> str:
     ]
     if report.error:
         lines += [f"> {report.error}", ""]
+    if report.pull_request is not None:
+        pr = report.pull_request
+        what = f"#{pr.number}" + (" (draft)" if pr.draft else "") if pr.number else "compare"
+        lines += [f"**Pull request:** [{what}]({pr.url}) · `{pr.head}` → `{pr.base}`", ""]
     if report.final_verify is not None:
         fv = report.final_verify
         counts = f" ({fv.passed} passed, {fv.failed} failed)" if fv.passed is not None else ""

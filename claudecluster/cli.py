@@ -20,7 +20,16 @@ from pydantic import ValidationError
 from claudecluster import api
 from claudecluster.checks import check_goal, default_parallelism, require_credentials
 from claudecluster.errors import ClaudeClusterError, UsageError
-from claudecluster.models import RunReport, TaskKind, TaskResult, TaskSpec, WorkerSettings, WorkUnit
+from claudecluster.models import (
+    PullRequestMode,
+    ReviewMode,
+    RunReport,
+    TaskKind,
+    TaskResult,
+    TaskSpec,
+    WorkerSettings,
+    WorkUnit,
+)
 
 KINDS = [kind.value for kind in TaskKind]
 
@@ -78,6 +87,15 @@ def add_session_options(parser: argparse.ArgumentParser) -> None:
         default=[],
         metavar="RULE",
         help="extra permission rule to allow, e.g. 'Bash(make test:*)' (repeatable)",
+    )
+
+
+def add_forge_options(parser: argparse.ArgumentParser) -> None:
+    """Where the repository's forge answers (github.com needs nothing)."""
+    parser.add_argument(
+        "--forge-api-url",
+        help="the forge's API base URL when the remote is not on github.com: "
+        "https://HOST/api/v3 (GitHub Enterprise) or https://HOST/api/v1 (Gitea, Forgejo)",
     )
 
 
@@ -190,6 +208,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
         "settings_block": args.settings_block,
         "repo_block": args.repo_block,
         "budget_usd": args.budget_usd,
+        "pr": args.pr,
+        "review": args.review,
+        "forge_api_url": args.forge_api_url,
         "announce": _announce,
         "on_interrupted": partial(_interrupted, as_json=args.json),
     }
@@ -245,6 +266,79 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     else:
         sys.stdout.write(text)
     return EXIT_OK
+
+
+def _cmd_review(args: argparse.Namespace) -> int:
+    import anyio
+
+    from claudecluster.gitops import open_repo
+    from claudecluster.pr_review import open_subject, review_subject
+    from claudecluster.session import SessionHost
+    from claudecluster.workspace import default_worktree_root
+
+    require_credentials()
+    repo = open_repo(args.repo)
+    subject = open_subject(repo, args.target, base=args.base, api_url=args.forge_api_url)
+    host = (
+        SessionHost(log=lambda line: print(line, file=sys.stderr))
+        if args.verbose
+        else SessionHost()
+    )
+    posted = anyio.run(
+        lambda: review_subject(
+            subject,
+            settings=settings_from_args(args),
+            worktree_root=default_worktree_root() / "reviews",
+            host=host,
+            post=not args.no_post,
+            lines=args.lines,
+        )
+    )
+    print(posted.markdown)
+    if posted.comment_url:
+        extra = f" and {posted.line_comments} line comments" if posted.line_comments else ""
+        print(f"posted the review{extra}: {posted.comment_url}", file=sys.stderr)
+    elif subject.forge is None:
+        print(
+            "not posted: no forge token (CLAUDECLUSTER_FORGE_TOKEN or GITHUB_TOKEN)",
+            file=sys.stderr,
+        )
+    elif not args.no_post:
+        print(f"not posted: {subject.label} has no open pull request", file=sys.stderr)
+    return EXIT_OK
+
+
+def _cmd_respond(args: argparse.Namespace) -> int:
+    from claudecluster.pr_review import parse_pull_url
+    from claudecluster.respond import respond
+
+    if parse_pull_url(args.pull_request) is None:
+        raise UsageError(
+            f"{args.pull_request} is not a pull request URL",
+            hint="Pass https://HOST/OWNER/NAME/pull/N.",
+        )
+    outcome = respond(
+        args.pull_request,
+        args.repo,
+        verify=args.verify,
+        max_parallel=args.max_parallel,
+        settings=settings_from_args(args),
+        settings_block=args.settings_block,
+        forge_api_url=args.forge_api_url,
+        announce=_announce,
+    )
+    if outcome.report is None:
+        print("nothing to answer: every review thread is resolved or answered", file=sys.stderr)
+        return EXIT_OK
+    if not args.json:
+        from claudecluster.report import print_run_report
+
+        print_run_report(outcome.report)
+    else:
+        print(outcome.report.model_dump_json(indent=2))
+    for line in outcome.lines:
+        print(line, file=sys.stderr)
+    return EXIT_OK if outcome.ok else EXIT_FAILED
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -474,11 +568,59 @@ def build_parser() -> argparse.ArgumentParser:
         help="spending limit for the whole goal: no task starts once it is spent",
     )
     run.add_argument("--base", help="commit to start from (default: HEAD)")
+    add_forge_options(run)
+    run.add_argument(
+        "--pr",
+        choices=[m.value for m in PullRequestMode if m is not PullRequestMode.OFF],
+        help="push the integration branch (branch), or open or update a pull request "
+        "(draft, ready); needs a forge token (CLAUDECLUSTER_FORGE_TOKEN or GITHUB_TOKEN)",
+    )
+    run.add_argument(
+        "--review",
+        choices=[m.value for m in ReviewMode],
+        help="the review a pull request gets: summary (default), lines or none",
+    )
     run.add_argument("--json", action="store_true", help="print the RunReport as JSON only")
     run.add_argument("--verbose", action="store_true", help="show Prefect's logs too")
     add_session_options(run)
     add_backend_options(run)
     run.set_defaults(handler=_cmd_run)
+
+    review = sub.add_parser(
+        "review", help="review a pull request or branch and post one sticky comment"
+    )
+    review.add_argument(
+        "target", help="pull request URL (https://HOST/OWNER/NAME/pull/N) or branch"
+    )
+    review.add_argument(
+        "--repo", default=".", help="path of a clone of the repository (default: .)"
+    )
+    review.add_argument(
+        "--base", help="for a branch: what to compare it with (default: HEAD's branch)"
+    )
+    review.add_argument(
+        "--lines", action="store_true", help="also post one review with line comments"
+    )
+    review.add_argument("--no-post", action="store_true", help="print the review, post nothing")
+    review.add_argument("--verbose", action="store_true", help="show the reviewer session")
+    add_forge_options(review)
+    add_session_options(review)
+    review.set_defaults(handler=_cmd_review)
+
+    respond_cmd = sub.add_parser(
+        "respond", help="answer a pull request's review threads: change, push, reply"
+    )
+    respond_cmd.add_argument("pull_request", help="pull request URL")
+    respond_cmd.add_argument("--repo", default=".", help="path of a clone of the repository")
+    respond_cmd.add_argument("--verify", help="command that checks the work")
+    respond_cmd.add_argument("-P", "--max-parallel", type=_positive_int, help="concurrent sessions")
+    respond_cmd.add_argument("--settings-block", help="ClaudeCodeSettings block to use")
+    respond_cmd.add_argument("--json", action="store_true", help="print the RunReport as JSON only")
+    respond_cmd.add_argument("--verbose", action="store_true", help="show Prefect's logs too")
+    add_forge_options(respond_cmd)
+    add_session_options(respond_cmd)
+    add_backend_options(respond_cmd)
+    respond_cmd.set_defaults(handler=_cmd_respond)
 
     plan = sub.add_parser("plan", help="plan a goal and print the plan, without running it")
     plan.add_argument("goal", help="what to achieve ('-' reads it from stdin)")

@@ -262,7 +262,62 @@ def demo_scripts(verify: str) -> list[Script]:
                 text("Added a Usage section."),
             ],
         ),
+        reviewer_script(),
+        responder_script(verify),
     ]
+
+
+DEMO_REVIEW: dict[str, Any] = {
+    "summary": (
+        "The change documents the inventory package, extracts round_money from the two "
+        "pricing functions, adds tests for pricing and a Usage section to the README. It does "
+        "what the tasks set out to do, and the tests pass on the integration branch."
+    ),
+    "risks": [
+        "round_money nudges by +1e-9 before rounding, so negative amounts (refunds) round "
+        "toward zero instead of away from it."
+    ],
+    "notes": [
+        {
+            "path": "inventory/pricing.py",
+            "line": 6,
+            "note": "For a negative value the nudge points the wrong way: use "
+            "math.copysign(1e-9, value).",
+        }
+    ],
+    "missing_tests": ["round_money with a negative amount"],
+}
+
+
+def reviewer_script() -> Script:
+    """The demo's reviewer: reads the changed module, then answers with :data:`DEMO_REVIEW`."""
+    return Script(
+        name="reviewer",
+        match="Review it, then answer with the StructuredOutput tool",
+        turns=[
+            tool_use("Read", {"file_path": "inventory/pricing.py"}),
+            structured(DEMO_REVIEW),
+            text("Reviewed."),
+        ],
+    )
+
+
+def responder_script(verify: str) -> Script:
+    """The demo's answer to a review comment on inventory/pricing.py."""
+    return Script(
+        name="respond-pricing",
+        match="left these comments on inventory/pricing.py",
+        turns=[
+            tool_use("Read", {"file_path": "inventory/pricing.py"}),
+            _edit(
+                "inventory/pricing.py",
+                "return round(value + 1e-9, 2)",
+                "return round(value + (1e-9 if value >= 0 else -1e-9), 2)",
+            ),
+            tool_use("Bash", {"command": verify, "description": "Run the tests"}),
+            text("round_money now nudges away from zero for negative amounts too."),
+        ],
+    )
 
 
 def create_sample_project(directory: Path) -> Path:

@@ -37,6 +37,7 @@ from prefect.client.schemas.objects import FlowRunResult, State, TaskRunResult
 from prefect.futures import PrefectFlowRunFuture, PrefectFuture
 from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.utilities.annotations import quote
+from prefect.utilities.urls import url_for
 
 from claudecluster import remote
 from claudecluster.artifacts import publish_task_artifacts_sync
@@ -389,6 +390,10 @@ class _Dispatcher:
 
     def _finished(self, task_id: str, result: TaskResult) -> None:
         self.running.remove(task_id)
+        node = self.nodes.get(task_id)
+        if node is not None and result.run_url is None:
+            kind = "flow-run" if isinstance(node, FlowRunResult) else "task-run"
+            result.run_url = url_for(kind, obj_id=node.id)
         self.results[task_id] = result
         if task_id in self.local_ids:
             self.sessions.withdraw(task_id)  # if it never asked for its place

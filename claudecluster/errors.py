@@ -9,13 +9,16 @@ message and pick an exit code without string matching::
     │   ├── RepoError                 the repo is missing, not git, bare, or has no commits
     │   ├── PlanError                 a plan (file or planner output) is invalid
     │   ├── PathEscapeError           a path points outside the repository
-    │   └── ConfigError               settings, keys or pools are missing or contradictory
-    │       └── UnknownPoolError      a work pool does not exist or has no worker deployment
+    │   ├── ConfigError               settings, keys or pools are missing or contradictory
+    │   │   └── UnknownPoolError      a work pool does not exist or has no worker deployment
+    │   └── ForgeAccessError          no forge token, a wrong one, or an unknown forge
     ├── GitError                      a git operation we rely on failed
     ├── SessionError                  a Claude Code session could not run at all
     │   └── StartRefusedError         the run stopped starting sessions (its budget is spent)
     ├── PlannerError                  the planner session produced no usable plan
-    └── ServerError                   the embedded Prefect server could not be started
+    ├── ReviewError                   the reviewer session produced no usable review
+    ├── ServerError                   the embedded Prefect server could not be started
+    └── ForgeError                    the forge refused a request during a run
 
 Foreign exceptions (GitPython's, the SDK's) are translated at the seam that calls them.
 """
@@ -132,5 +135,36 @@ class PlannerError(ClaudeClusterError):
         self.turns = turns
 
 
+class ReviewError(ClaudeClusterError):
+    """The reviewer session returned no review, or one that does not validate."""
+
+    def __init__(
+        self, message: str, *, hint: str | None = None, cost_usd: float = 0.0, turns: int = 0
+    ) -> None:
+        super().__init__(message, hint=hint)
+        self.cost_usd = cost_usd
+        self.turns = turns
+
+
 class ServerError(ClaudeClusterError):
     """The embedded Prefect server could not be started or reached."""
+
+
+class ForgeError(ClaudeClusterError):
+    """A forge (GitHub, Gitea) refused or failed a request during a run."""
+
+    def __init__(
+        self, message: str, *, forge: str, status: int | None = None, hint: str | None = None
+    ) -> None:
+        super().__init__(message, hint=hint)
+        self.forge = forge
+        self.status = status
+
+
+class ForgeAccessError(UsageError):
+    """The forge cannot be used as asked: no token, a wrong one, no push access, or an
+    address that says nothing of which forge it is. Found before anything starts."""
+
+    def __init__(self, message: str, *, forge: str, hint: str | None = None) -> None:
+        super().__init__(message, hint=hint)
+        self.forge = forge

@@ -285,6 +285,9 @@ class TaskResult(StrictModel):
         default=None, description="The verify command's outcome, if one ran."
     )
     session_id: str | None = Field(default=None, description="Claude Code session id.")
+    run_url: str | None = Field(
+        default=None, description="The task's run (task run or worker flow run) in Prefect's UI."
+    )
     turns: int = Field(default=0, description="Conversation turns the session took.")
     cost_usd: float = Field(default=0.0, description="Cost reported by Claude Code, in USD.")
     usage: TokenUsage = Field(default_factory=TokenUsage, description="Token usage.")
@@ -393,6 +396,65 @@ class RunStatus(StrEnum):
     FAILED = "failed"
 
 
+class PullRequestMode(StrEnum):
+    """What a run does with its integration branch on the repository's forge."""
+
+    OFF = "off"  # keep the branch local (the default)
+    BRANCH = "branch"  # push it and print the compare URL; open nothing
+    DRAFT = "draft"  # push it and open (or update) a draft pull request
+    READY = "ready"  # push it and open (or update) a pull request ready for review
+
+
+class ReviewMode(StrEnum):
+    """Whether a run's pull request gets a review from a read-only reviewer session."""
+
+    NONE = "none"  # no review
+    SUMMARY = "summary"  # one sticky comment, edited in place on every re-run (the default)
+    LINES = "lines"  # the sticky comment and one batched review with line comments
+
+
+class PullRequestOptions(StrictModel):
+    """What a run does with its integration branch on the forge, resolved from the
+    parameters over the settings block over the defaults."""
+
+    mode: PullRequestMode = Field(
+        default=PullRequestMode.OFF, description="off, branch (push only), draft or ready."
+    )
+    review: ReviewMode = Field(
+        default=ReviewMode.SUMMARY, description="The review posted on the pull request."
+    )
+    remote: str = Field(
+        default="origin",
+        description="The git remote of a local repository that the pull request goes to.",
+    )
+    forge_api_url: str | None = Field(
+        default=None,
+        description="The forge's API base URL; None means api.github.com for github.com "
+        "remotes (https://HOST/api/v3 is GitHub Enterprise, https://HOST/api/v1 Gitea).",
+    )
+
+    @property
+    def wanted(self) -> bool:
+        return self.mode is not PullRequestMode.OFF
+
+
+class PullRequestInfo(StrictModel):
+    """A pull request a run opened or updated (or, in ``branch`` mode, the pushed branch)."""
+
+    url: str = Field(description="The pull request's page (the compare page in branch mode).")
+    number: int | None = Field(default=None, description="Its number; None in branch mode.")
+    state: str = Field(default="open", description="open, closed or merged, as the forge says.")
+    draft: bool = Field(default=False, description="True for a draft pull request.")
+    head: str = Field(description="The pushed branch the pull request is from.")
+    base: str = Field(description="The branch it asks to merge into.")
+    created: bool = Field(
+        default=False, description="True when this run opened it; False when it updated one."
+    )
+    review_url: str | None = Field(
+        default=None, description="The review summary comment, when a review was posted."
+    )
+
+
 class RunReport(StrictModel):
     """The outcome of one goal: what was planned, done, merged and verified."""
 
@@ -432,6 +494,9 @@ class RunReport(StrictModel):
         default=False,
         description="True when the run stopped early (its Prefect server was lost): "
         "`claudecluster resume RUN_ID` finishes it without paying for finished work again.",
+    )
+    pull_request: PullRequestInfo | None = Field(
+        default=None, description="The pull request the run opened or updated, if asked to."
     )
 
 

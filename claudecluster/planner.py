@@ -32,7 +32,7 @@ def planner_schema() -> dict[str, Any]:
     Self-contained (no ``$ref``), every property required and nothing else allowed, so
     the model fills in every field the scheduler relies on.
     """
-    task = _inline_refs(TaskSpec.model_json_schema())
+    task = inline_refs(TaskSpec.model_json_schema())
     task_properties = {
         name: {k: v for k, v in task["properties"][name].items() if k not in ("title", "default")}
         for name in PLANNED_TASK_FIELDS
@@ -63,7 +63,7 @@ def planner_schema() -> dict[str, Any]:
     }
 
 
-def _inline_refs(schema: dict[str, Any]) -> dict[str, Any]:
+def inline_refs(schema: dict[str, Any]) -> dict[str, Any]:
     """``schema`` with its ``$defs`` references replaced by the definitions themselves."""
     definitions = schema.pop("$defs", {})
 

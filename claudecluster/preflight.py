@@ -9,20 +9,31 @@ the planner or any worker session makes a model request.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from claudecluster.blocks.repository import load_target, resolve_target
-from claudecluster.blocks.settings import ResolvedSettings, load_settings_block, resolve_settings
+from claudecluster.blocks.settings import (
+    ResolvedSettings,
+    load_settings_block,
+    resolve_pull_request,
+    resolve_settings,
+)
 from claudecluster.checks import (
     PLAN_FILE_MAX_TASKS,
     check_goal,
     check_limits,
     check_model_api,
 )
-from claudecluster.models import WorkerSettings
+from claudecluster.models import (
+    PullRequestMode,
+    PullRequestOptions,
+    ReviewMode,
+    WorkerSettings,
+)
 from claudecluster.plan import Plan, pools_in, validate_plan
 from claudecluster.pools import PoolTarget, check_reachable, worker_deployments
+from claudecluster.pull_request import ForgeTarget, prepare_forge_target
 from claudecluster.remote import is_remote
 from claudecluster.target import Target
 
@@ -36,6 +47,8 @@ class PreparedGoal:
     settings: ResolvedSettings
     plan: Plan | None  # None: the planner plans
     pools: dict[str, PoolTarget]  # the work pools the run dispatches to (not local)
+    pull_request: PullRequestOptions = field(default_factory=PullRequestOptions)
+    forge: ForgeTarget | None = None  # where the pull request goes, when one is wanted
 
 
 def prepare_goal(
@@ -53,6 +66,9 @@ def prepare_goal(
     base_commit: str | None,
     pool: str | None,
     worktree_root: Path,
+    pr: PullRequestMode | None = None,
+    review: ReviewMode | None = None,
+    forge_api_url: str | None = None,
 ) -> PreparedGoal:
     """Resolve and check a goal run's inputs; UsageError (one line) for anything wrong."""
     check_limits(max_parallel=max_parallel, budget_usd=budget_usd)
@@ -68,8 +84,30 @@ def prepare_goal(
     text = check_goal(goal if goal.strip() else (plan.goal if plan else None) or "")
     pools = worker_deployments(pools_in(plan, pool))
     check_reachable(pools, repo_is_url=target.url is not None)
+    options = resolve_pull_request(pr, review, forge_api_url, settings_block)
+    forge = None
+    if options.wanted:
+        token, block_api_url = (
+            load_target(repo_block).forge_credentials() if repo_block else (None, None)
+        )
+        forge = prepare_forge_target(
+            target.repo,
+            location=target.url,
+            base=base_commit,
+            token=token,
+            api_url=options.forge_api_url or block_api_url,
+            remote_name=options.remote,
+        )
     check_model_api(resolved.env)
-    return PreparedGoal(goal=text, target=target, settings=resolved, plan=plan, pools=pools)
+    return PreparedGoal(
+        goal=text,
+        target=target,
+        settings=resolved,
+        plan=plan,
+        pools=pools,
+        pull_request=options,
+        forge=forge,
+    )
 
 
 def check_server_side(

@@ -110,6 +110,26 @@ def push(repo: git.Repo, branch: str, *, env: dict[str, str] | None = None) -> N
     )
 
 
+def push_to(
+    repo: git.Repo,
+    url: str,
+    branch: str,
+    *,
+    env: dict[str, str],
+    force: bool = False,
+    to: str | None = None,
+) -> None:
+    """Push ``branch`` to the repository at ``url`` as ``to`` (default: the same name)."""
+    spec = f"{'+' if force else ''}refs/heads/{branch}:refs/heads/{to or branch}"
+    _run_git(["push", "--quiet", url, spec], Path(repo.git_dir), env)
+
+
+def fetch_from(repo: git.Repo, url: str, ref: str, into: str, *, env: dict[str, str]) -> str:
+    """Fetch ``ref`` of the repository at ``url`` into the local ref ``into``; its commit."""
+    _run_git(["fetch", "--quiet", url, f"+{ref}:{into}"], Path(repo.git_dir), env)
+    return _run_git(["rev-parse", into], Path(repo.git_dir), env).strip()
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -109,6 +109,11 @@ def print_run_report(report: RunReport, console: Console | None = None) -> None:
         fv = report.final_verify
         counts = f" ({fv.passed} passed, {fv.failed} failed)" if fv.passed is not None else ""
         out.print(f"  verify:  `{fv.command}` {'passed' if fv.ok else 'FAILED'}{counts}")
+    if report.pull_request is not None:
+        pr = report.pull_request
+        what = "compare" if pr.number is None else f"#{pr.number}" + (" draft" if pr.draft else "")
+        verb = "opened" if pr.created else ("pushed" if pr.number is None else "updated")
+        out.print(f"  PR:      {pr.url} ({what}, {verb})", soft_wrap=True)
     totals = report.totals
     out.print(
         f"  totals:  {len(report.tasks)} tasks, ${totals.cost_usd:.4f}, {totals.tokens} tokens, "

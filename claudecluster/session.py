@@ -41,6 +41,7 @@ from typing import TYPE_CHECKING, Any, Protocol, cast
 import anyio
 from pydantic import BaseModel, Field
 
+from claudecluster.forges import TOKEN_VARS as FORGE_TOKEN_VARS
 from claudecluster.models import DeniedTool, FailureReason, TokenUsage, WorkerSettings
 from claudecluster.permissions import ToolPermissions
 from claudecluster.pricing import CostMeter
@@ -238,6 +239,9 @@ def session_env(config_dir: Path, marker: str, extra: dict[str, str] | None) -> 
             "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC", "1"
         ),
     }
+    # A forge token in the driver's environment is for pushes and the forge's API, never
+    # for a session: the CLI inherits the environment, so hide them from it.
+    env.update(dict.fromkeys(FORGE_TOKEN_VARS, ""))
     env.update(extra or {})
     return env
 

@@ -202,3 +202,33 @@ def _budget(
         stopped=[r.id for r in over if r.status is not TaskStatus.SKIPPED],
         not_started=[r.id for r in over if r.status is TaskStatus.SKIPPED],
     )
+
+
+def run_table_rows(report: RunReport) -> list[dict[str, object]]:
+    """One row per task for the run-level table artifact."""
+    rows: list[dict[str, object]] = []
+    unmerged = {u.id for u in report.unmerged}
+    for result in report.tasks:
+        tests = "-"
+        if result.test_report is not None:
+            t = result.test_report
+            tests = (
+                f"{t.passed} passed, {t.failed} failed"
+                if t.passed is not None
+                else ("ok" if t.ok else f"exit {t.exit_code}")
+            )
+        rows.append(
+            {
+                "task": result.id,
+                "kind": result.kind,
+                "status": str(result.status) + (" (unmerged)" if result.id in unmerged else ""),
+                "files": len(result.files),
+                "+lines": result.added,
+                "-lines": result.removed,
+                "tests": tests,
+                "turns": result.turns,
+                "cost_usd": round(result.cost_usd, 4),
+                "duration_s": round(result.duration_s, 1),
+            }
+        )
+    return rows

@@ -19,16 +19,24 @@ from typing import Any
 from prefect import flow, get_run_logger, tags
 from prefect.client.schemas.objects import FlowRun, State
 from prefect.states import Completed, Failed
+from prefect.utilities.urls import url_for
 
 from claudecluster import remote
 from claudecluster.artifacts import publish_plan_artifact, publish_run_artifacts
 from claudecluster.checks import DEFAULT_MAX_TASKS
 from claudecluster.concurrency import session_slot
 from claudecluster.dispatch import RunContext, run_tasks
-from claudecluster.errors import ClaudeClusterError
+from claudecluster.errors import ClaudeClusterError, ReviewError
 from claudecluster.gitops import BRANCH_PREFIX
 from claudecluster.journal import RunJournal
-from claudecluster.models import RunReport, RunStatus, TaskResult, WorkerSettings
+from claudecluster.models import (
+    PullRequestMode,
+    ReviewMode,
+    RunReport,
+    RunStatus,
+    TaskResult,
+    WorkerSettings,
+)
 from claudecluster.plan import Plan
 from claudecluster.preflight import PreparedGoal, prepare_goal
 from claudecluster.progress import RunProgress
@@ -38,6 +46,7 @@ from claudecluster.session import SessionHost, preload_sdk
 from claudecluster.summary import build_report, interrupted_report, planning_failed_report
 from claudecluster.tasks.integrate import integrate_branches
 from claudecluster.tasks.plan import plan_goal
+from claudecluster.tasks.pull_request import open_pull_request, review_integration
 from claudecluster.workspace import default_worktree_root, new_run_id
 
 
@@ -93,6 +102,9 @@ def goal_flow(
     budget_usd: float | None = None,
     settings: WorkerSettings | None = None,
     settings_block: str | None = None,
+    pr: PullRequestMode | None = None,
+    review: ReviewMode | None = None,
+    forge_api_url: str | None = None,
 ) -> State[RunReport]:
     """Turn a goal into a plan, run it, merge it and report; the run fails unless all did.
 
@@ -113,6 +125,12 @@ def goal_flow(
         budget_usd: The most the whole goal may spend, in USD; sessions stop once it is spent.
         settings: Model, permissions and per-session limits (override the settings block).
         settings_block: A ClaudeCluster Claude Code Settings block (model, limits, API key).
+        pr: What to do with the integration branch on the repository's forge: off (the
+            default), branch (push it), draft or ready (open or update a pull request).
+        review: The review a pull request gets: summary (one comment, the default), lines
+            (also a review with line comments) or none.
+        forge_api_url: The forge's API base URL when the remote is not on github.com
+            (https://HOST/api/v3 for GitHub Enterprise, https://HOST/api/v1 for Gitea).
     """
     preload_sdk()  # overlaps with the start-up below, which mostly waits on the server
     started = time.monotonic()
@@ -134,6 +152,9 @@ def goal_flow(
                 base_commit=base,
                 pool=pool,
                 worktree_root=default_worktree_root(),
+                pr=pr,
+                review=review,
+                forge_api_url=forge_api_url,
             )
         except ClaudeClusterError as exc:
             return _not_started(identity, exc)
@@ -293,11 +314,78 @@ def _drive(
         flow_run_id=identity.flow_run_id,
         budget_usd=resolved.budget_usd,
     )
+    report.ui_url = report.ui_url or url_for("flow-run", obj_id=identity.flow_run_id)
     RunJournal(run_id).save_report(report)
     if target.url:
         publish_branches(target.repo, report, env=dict(target.git_env))
+    if prepared.forge is not None:
+        _pull_request(report, plan, prepared, host, str(root), scope)
+        RunJournal(run_id).save_report(report)
     publish_run_artifacts(report, plan, scope)
     progress.complete(f"run {report.status}")
     if report.status is RunStatus.SUCCEEDED:
         return Completed(data=report, message="every task succeeded, merged and verified")
     return Failed(data=report, message=report.error or "the run failed")
+
+
+def _pull_request(
+    report: RunReport,
+    plan: Plan,
+    prepared: PreparedGoal,
+    host: SessionHost,
+    worktree_root: str,
+    scope: str,
+) -> None:
+    """Review the integration branch and open or update its pull request, into ``report``.
+
+    A review that fails leaves the pull request without one; a pull request that cannot be
+    opened fails the run, with the work kept on its integration branch.
+    """
+    logger = get_run_logger()
+    options, forge = prepared.pull_request, prepared.forge
+    assert forge is not None
+    if report.integration_branch is None or report.head_commit is None:
+        logger.warning("no pull request: nothing was merged onto an integration branch")
+        return
+    review, diff, review_cost = None, "", 0.0
+    wants_review = options.review is not ReviewMode.NONE and options.mode in (
+        PullRequestMode.DRAFT,
+        PullRequestMode.READY,
+    )
+    budget = prepared.settings.budget_usd
+    if wants_review and budget is not None and report.totals.cost_usd >= budget:
+        logger.warning("no review: the goal's budget of $%.2f is spent", budget)
+        wants_review = False
+    if wants_review:
+        try:
+            review, diff, review_cost = review_integration(
+                report,
+                plan,
+                str(prepared.target.root),
+                prepared.settings.settings,
+                worktree_root,
+                host,
+            )
+        except ReviewError as exc:
+            logger.warning("no review: %s", exc.one_line())
+            review_cost = exc.cost_usd
+        report.totals.cost_usd += review_cost
+    try:
+        report.pull_request = open_pull_request(
+            report,
+            str(prepared.target.root),
+            forge,
+            options.mode,
+            review,
+            diff,
+            review_cost,
+            scope,
+            options.review is ReviewMode.LINES,
+        )
+    except ClaudeClusterError as exc:
+        report.status = RunStatus.FAILED
+        report.error = (
+            f"the pull request step failed: {exc.one_line()} "
+            f"The work is kept on {report.integration_branch}."
+        )
+        logger.error("%s", report.error)

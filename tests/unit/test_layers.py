@@ -2,16 +2,18 @@
 
 ::
 
-    interface   api, cli, demo, prefect_server, setup, report      (anything below)
+    interface   api, cli, demo, prefect_server, setup, report,     (anything below)
+                respond
         │
     prefect     flows/, tasks/, blocks/, dispatch, concurrency,      (core, prefect layer)
         │       places, pools, artifacts, progress, sweep_state,
-        │       server_watch, preflight
+        │       server_watch, preflight, runs
     core        models, errors, plan, checks, gitops, remote,        (core only; never
                 target, workspace, session, permissions, redact,      Prefect)
                 verify, worker, planner, integrate, resolve,
                 summary, sweep, clean, pricing, budget, journal,
-                reaper, testing/
+                reaper, naming, forges, pull_request, review,
+                pr_review, testing/
 
 Every import counts, including those inside functions and ``TYPE_CHECKING`` blocks: a
 lazy import is still a dependency. A module that is in no layer fails the test, so a new
@@ -68,6 +70,11 @@ LAYERS: dict[str, str] = {
             "budget",
             "journal",
             "reaper",
+            "naming",
+            "forges",
+            "pull_request",
+            "review",
+            "pr_review",
         )
     },
     **{
@@ -85,11 +92,12 @@ LAYERS: dict[str, str] = {
             "sweep_state",
             "server_watch",
             "preflight",
+            "runs",
         )
     },
     **{
         f"claudecluster.{name}": INTERFACE
-        for name in ("api", "cli", "demo", "prefect_server", "setup", "report")
+        for name in ("api", "cli", "demo", "prefect_server", "setup", "report", "respond")
     },
 }
 

@@ -15,8 +15,9 @@ message and pick an exit code without string matching::
     ├── GitError                      a git operation we rely on failed
     ├── SessionError                  a Claude Code session could not run at all
     │   └── StartRefusedError         the run stopped starting sessions (its budget is spent)
-    ├── PlannerError                  the planner session produced no usable plan
-    ├── ReviewError                   the reviewer session produced no usable review
+    ├── SessionAnswerError            a session did not answer in the shape asked for
+    │   ├── PlannerError              the planner session produced no usable plan
+    │   └── ReviewError               the reviewer session produced no usable review
     ├── ServerError                   the embedded Prefect server could not be started
     └── ForgeError                    the forge refused a request during a run
 
@@ -124,26 +125,23 @@ class StartRefusedError(SessionError):
         self.failure_reason = failure_reason
 
 
-class PlannerError(ClaudeClusterError):
+class SessionAnswerError(ClaudeClusterError):
+    """A session that must answer in a given shape (a plan, a review) did not; what it cost."""
+
+    def __init__(
+        self, message: str, *, hint: str | None = None, cost_usd: float = 0.0, turns: int = 0
+    ) -> None:
+        super().__init__(message, hint=hint)
+        self.cost_usd = cost_usd
+        self.turns = turns
+
+
+class PlannerError(SessionAnswerError):
     """The planner session returned no plan, or one that does not validate."""
 
-    def __init__(
-        self, message: str, *, hint: str | None = None, cost_usd: float = 0.0, turns: int = 0
-    ) -> None:
-        super().__init__(message, hint=hint)
-        self.cost_usd = cost_usd
-        self.turns = turns
 
-
-class ReviewError(ClaudeClusterError):
+class ReviewError(SessionAnswerError):
     """The reviewer session returned no review, or one that does not validate."""
-
-    def __init__(
-        self, message: str, *, hint: str | None = None, cost_usd: float = 0.0, turns: int = 0
-    ) -> None:
-        super().__init__(message, hint=hint)
-        self.cost_usd = cost_usd
-        self.turns = turns
 
 
 class ServerError(ClaudeClusterError):

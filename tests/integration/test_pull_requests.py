@@ -16,12 +16,14 @@ import threading
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from claudecluster.api import run_goal
 from claudecluster.demo import create_sample_project
 from claudecluster.models import RunReport, RunStatus, TaskSpec
+from claudecluster.naming import artifact_key, artifact_scope
 from claudecluster.plan import Plan
 from claudecluster.pr_review import REPLY_MARKER
 from claudecluster.respond import respond
@@ -184,6 +186,17 @@ def run_with_pr(
     )
 
 
+def latest_artifact(key: str) -> Any:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    with get_client(sync_client=True) as client:
+        [artifact] = client.read_latest_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key]))
+        )
+    return artifact
+
+
 def remote_head(forge: ForgeServer, branch: str) -> str:
     bare = forge.root / OWNER / f"{NAME}.git"
     return subprocess.run(
@@ -241,6 +254,12 @@ class TestOpenAndUpdate:
         assert [(c.path, c.line) for c in pull.review_comments] == [("docs/usage.md", 3)]
         assert [r["event"] for r in pull.reviews] == ["COMMENT"]
         assert info.review_url and info.review_url.endswith(f"#issuecomment-{sticky.id}")
+        # In Prefect: a link artifact to the pull request, and a line in the run's summary.
+        scope = artifact_scope(deployment=None, goal=report.goal)
+        link = latest_artifact(artifact_key(scope, "pull-request")).data
+        assert link == f"[Pull request #1]({info.url})"
+        summary = str(latest_artifact(artifact_key(scope, "summary")).data)
+        assert f"**Pull request:** [#1]({info.url})" in summary
 
         # Someone edits the title and adds to the body on the forge; the run runs again.
         pull.title = "Usage docs, by hand"

@@ -259,3 +259,28 @@ def test_sessions_never_see_a_forge_token(monkeypatch: pytest.MonkeyPatch) -> No
 def test_pull_request_info_round_trips() -> None:
     info = PullRequestInfo(url="u", number=1, draft=True, head="h", base="main")
     assert RunReport.model_validate(report(pull_request=info).model_dump()).pull_request == info
+
+
+def test_pull_request_options_come_from_flags_over_the_block(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from claudecluster.blocks import settings as settings_blocks
+    from claudecluster.models import PullRequestMode, ReviewMode
+
+    block = settings_blocks.ClaudeCodeSettings(pull_request="draft", review="lines")
+    monkeypatch.setattr(settings_blocks, "load_settings_block", lambda name: block)
+    resolve = settings_blocks.resolve_pull_request
+    assert resolve(None, None, None, "team").mode is PullRequestMode.DRAFT
+    assert resolve(None, None, None, "team").review is ReviewMode.LINES
+    explicit = resolve(PullRequestMode.READY, ReviewMode.NONE, "http://f/api/v1", "team")
+    assert (explicit.mode, explicit.review, explicit.forge_api_url) == (
+        PullRequestMode.READY,
+        ReviewMode.NONE,
+        "http://f/api/v1",
+    )
+    default = resolve(None, None, None, None)
+    assert (default.mode, default.review, default.wanted) == (
+        PullRequestMode.OFF,
+        ReviewMode.SUMMARY,
+        False,
+    )

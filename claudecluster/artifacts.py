@@ -136,6 +136,13 @@ def run_summary_markdown(report: RunReport, plan: Plan | None) -> str:
         pr = report.pull_request
         what = f"#{pr.number}" + (" (draft)" if pr.draft else "") if pr.number else "compare"
         lines += [f"**Pull request:** [{what}]({pr.url}) · `{pr.head}` → `{pr.base}`", ""]
+    if report.trace_id:
+        trace = (
+            f"[`{report.trace_id}`]({report.trace_url})"
+            if report.trace_url
+            else (f"`{report.trace_id}`")
+        )
+        lines += [f"**Trace:** {trace}", ""]
     if report.final_verify is not None:
         fv = report.final_verify
         counts = f" ({fv.passed} passed, {fv.failed} failed)" if fv.passed is not None else ""

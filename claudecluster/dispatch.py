@@ -135,8 +135,18 @@ def dispatch_to_pool(
             name=f"{unit.run_id}-{unit.spec.id}",
             tags=tags,
             parent_task_run_id=parent.id,
+            labels=_trace_labels(context.flow_run.labels),
         )
     return PrefectFlowRunFuture(flow_run_id=flow_run.id), FlowRunResult(id=flow_run.id)
+
+
+def _trace_labels(flow_run_labels: Mapping[str, Any]) -> dict[str, bool | int | float | str]:
+    """The goal's trace context, as the label Prefect reads to make the worker flow run's span
+    a child of the goal's (what ``run_deployment`` does too)."""
+    from prefect.telemetry.run_telemetry import LABELS_TRACEPARENT_KEY
+
+    traceparent = flow_run_labels.get(LABELS_TRACEPARENT_KEY)
+    return {LABELS_TRACEPARENT_KEY: str(traceparent)} if traceparent else {}
 
 
 def _pool_task_placeholder() -> None:
@@ -199,6 +209,7 @@ class RunContext:
             worktree_root=self.worktree_root if shares_disk else None,
             artifact_scope=self.artifact_scope,
             publish_artifacts=local,
+            pool=pool_for(spec, run_pool=self.pool, plan_pool=plan.pool),
         )
 
 

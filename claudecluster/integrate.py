@@ -12,7 +12,7 @@ from pathlib import Path
 import git
 from pydantic import Field
 
-from claudecluster import gitops
+from claudecluster import gitops, telemetry
 from claudecluster.models import (
     StrictModel,
     TaskResult,
@@ -77,11 +77,13 @@ def integrate(
         merger = _Merger(repo, integration, plan, results, resolver, worktree_root / run_id)
         merger.outcome = IntegrationOutcome(branch=branch, head_commit=base_commit)
         for spec in topological_order(plan):
-            merger.offer(spec)
+            with telemetry.span("claudecluster.merge", {telemetry.TASK_ID: spec.id}):
+                merger.offer(spec)
         if verify:
-            merger.outcome.final_verify = run_verify(
-                verify, Path(integration.working_dir), verify_timeout_s
-            )
+            with telemetry.span("claudecluster.verify", {telemetry.RUN_ID: run_id}):
+                merger.outcome.final_verify = run_verify(
+                    verify, Path(integration.working_dir), verify_timeout_s
+                )
     return merger.outcome
 
 
@@ -132,7 +134,8 @@ class _Merger:
         others = self._touching(conflict.files)
         resolution = None
         if self.resolver is not None:
-            resolution = self._resolution(spec, branch, others)
+            with telemetry.span("claudecluster.resolve_conflict", {telemetry.TASK_ID: spec.id}):
+                resolution = self._resolution(spec, branch, others)
             self.outcome.resolution_cost_usd += resolution.cost_usd
         if resolution is None or not resolution.ok:
             with_whom = f" with task(s) {', '.join(others)}" if others else ""

@@ -498,6 +498,13 @@ class RunReport(StrictModel):
     pull_request: PullRequestInfo | None = Field(
         default=None, description="The pull request the run opened or updated, if asked to."
     )
+    trace_id: str | None = Field(
+        default=None,
+        description="The run's OpenTelemetry trace id, when telemetry is on (see README).",
+    )
+    trace_url: str | None = Field(
+        default=None, description="The trace's page, from CLAUDECLUSTER_TRACE_URL's template."
+    )
 
 
 class Dependency(StrictModel):
@@ -560,6 +567,10 @@ class WorkUnit(StrictModel):
         default=None,
         description="The stable first part of the task's artifact keys (see "
         "claudecluster.naming); None means the run id.",
+    )
+    pool: str = Field(
+        default="local",
+        description="The work pool the task runs on ('local': in the goal's flow run).",
     )
     publish_artifacts: bool = Field(
         default=True,

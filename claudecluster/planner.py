@@ -14,7 +14,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from claudecluster import gitops
+from claudecluster import gitops, telemetry
 from claudecluster.errors import PlanError, PlannerError
 from claudecluster.models import TaskKind, TaskSpec, WorkerSettings
 from claudecluster.permissions import permissions_for
@@ -140,6 +140,7 @@ async def run_planner(
                 settings=settings.model_copy(update={"permission_policy": "read-only"}),
                 permissions=permissions_for("read-only"),
                 system_prompt_append=PLANNER_INSTRUCTIONS,
+                attributes={telemetry.TASK_KIND: "plan"},
                 output_format={"type": "json_schema", "schema": PLAN_SCHEMA},
             )
         )

@@ -179,6 +179,9 @@ def pull_request_body(report: RunReport, title: str, review: str | None = None) 
     ]
     where = f"[the goal's run in Prefect]({report.ui_url})" if report.ui_url else "Prefect"
     lines.append(f"Run `{report.run_id}`, base `{report.base_commit[:12]}`: {where}.")
+    if report.trace_id:
+        trace = f"[{report.trace_id}]({report.trace_url})" if report.trace_url else report.trace_id
+        lines.append(f"Trace: {trace}.")
     if review:
         lines += [
             "",

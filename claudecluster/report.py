@@ -122,6 +122,8 @@ def print_run_report(report: RunReport, console: Console | None = None) -> None:
     )
     if report.ui_url:
         out.print(f"  Prefect: {report.ui_url}")
+    if report.trace_id:
+        out.print(f"  trace:   {report.trace_url or report.trace_id}", soft_wrap=True)
 
 
 class LiveProgress:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from pydantic import Field
 
+from claudecluster import telemetry
 from claudecluster.gitops import files_with_markers
 from claudecluster.models import StrictModel, TaskSpec, WorkerSettings
 from claudecluster.permissions import permissions_for
@@ -81,6 +82,7 @@ async def resolve_conflict(
                 extra_disallowed=settings.disallowed_tools,
             ),
             system_prompt_append=RESOLVER_INSTRUCTIONS,
+            attributes={telemetry.TASK_KIND: "resolve"},
         )
     )
     if not outcome.ok:

@@ -19,7 +19,7 @@ from typing import Any
 
 from pydantic import Field, ValidationError
 
-from claudecluster import gitops
+from claudecluster import gitops, telemetry
 from claudecluster.errors import ReviewError
 from claudecluster.forges import Forge, LineComment
 from claudecluster.models import StrictModel, WorkerSettings
@@ -139,6 +139,7 @@ async def run_review(
                 settings=settings.model_copy(update={"permission_policy": "read-only"}),
                 permissions=permissions_for("read-only"),
                 system_prompt_append=REVIEWER_INSTRUCTIONS,
+                attributes={telemetry.TASK_KIND: "review"},
                 output_format={"type": "json_schema", "schema": review_schema()},
             )
         )

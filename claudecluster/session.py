@@ -41,6 +41,7 @@ from typing import TYPE_CHECKING, Any, Protocol, cast
 import anyio
 from pydantic import BaseModel, Field
 
+from claudecluster import telemetry
 from claudecluster.forges import TOKEN_VARS as FORGE_TOKEN_VARS
 from claudecluster.models import DeniedTool, FailureReason, TokenUsage, WorkerSettings
 from claudecluster.permissions import ToolPermissions
@@ -94,6 +95,9 @@ class SessionRequest:
     system_prompt_append: str | None = None
     output_format: dict[str, Any] | None = None
     env: Mapping[str, str] = field(default_factory=dict, repr=False)
+    # What the session is, for telemetry: run id, task id, task kind (resource attributes of
+    # Claude Code's own spans, metrics and events).
+    attributes: Mapping[str, str] = field(default_factory=dict)
 
 
 class SessionRunner(Protocol):
@@ -323,7 +327,11 @@ async def run_session(
                 else {"type": "preset", "preset": "claude_code"}
             ),
             output_format=request.output_format,
-            env=session_env(Path(config_dir), marker, dict(request.env)),
+            env=session_env(
+                Path(config_dir),
+                marker,
+                {**telemetry.session_env(request.attributes), **request.env},
+            ),
             stderr=lambda line: log(f"cli stderr: {_snippet(line)}"),
         )
         try:
@@ -493,13 +501,44 @@ class SessionHost:
         """
         if self.env:
             request = dataclasses.replace(request, env={**self.env, **request.env})
+        asked = time.monotonic()
         async with self.slot() as place:
             watches = [w for w in (place, watch) if w is not None]
             combined = _Watches(watches) if watches else None
-            outcome = await (self.runner or run_session)(request, self.log, combined)
+            metrics = telemetry.instruments()
+            if metrics is not None:
+                kind = {"kind": request.attributes.get(telemetry.TASK_KIND, "session")}
+                metrics.queue_wait.record(time.monotonic() - asked, kind)
+                metrics.sessions_started.add(1, kind)
+                metrics.sessions_running.add(1, kind)
+            try:
+                outcome = await (self.runner or run_session)(request, self.log, combined)
+            finally:
+                if metrics is not None:
+                    metrics.sessions_running.add(-1, kind)
+            if metrics is not None:
+                _record_session_metrics(metrics, request, outcome)
             if combined is not None:
                 combined.spend(outcome.cost_usd)
         return outcome
+
+
+def _record_session_metrics(
+    metrics: telemetry.Instruments, request: SessionRequest, outcome: SessionOutcome
+) -> None:
+    """What a session cost and used, by model (every session: worker, planner, resolver,
+    reviewer), so the exported cost sums to the runs' totals."""
+    model = {"model": request.settings.model or "default"}
+    metrics.cost.add(outcome.cost_usd, model)
+    metrics.api_retries.add(outcome.api_retries, model)
+    usage = outcome.usage
+    for token_type, count in (
+        ("input", usage.input_tokens),
+        ("output", usage.output_tokens),
+        ("cache_read", usage.cache_read_input_tokens),
+        ("cache_creation", usage.cache_creation_input_tokens),
+    ):
+        metrics.tokens.add(count, {**model, "type": token_type})
 
 
 class _Watches:

@@ -22,7 +22,7 @@ import time
 from collections.abc import Mapping
 from pathlib import Path
 
-from claudecluster import gitops, remote
+from claudecluster import gitops, remote, telemetry
 from claudecluster.errors import ClaudeClusterError, StartRefusedError
 from claudecluster.journal import RunJournal
 from claudecluster.models import (
@@ -138,7 +138,17 @@ async def execute_task(
         result = await attempt.run(keep_worktree=keep_worktree)
         result.duration_s = round(time.monotonic() - started, 3)
         attempt.finish(result)
+        _record_metrics(result)
     return result
+
+
+def _record_metrics(result: TaskResult) -> None:
+    """The task's duration as a cluster metric (when telemetry is on); its sessions' cost and
+    tokens are recorded where they ran (:class:`~claudecluster.session.SessionHost`)."""
+    metrics = telemetry.instruments()
+    if metrics is not None:
+        kind = {"kind": str(result.kind), "status": str(result.status)}
+        metrics.task_duration.record(result.duration_s, kind)
 
 
 class _Attempt:
@@ -184,7 +194,8 @@ class _Attempt:
             head_commit=start,
         )
         try:
-            worktree = gitops.add_worktree(repo, self.root / spec.id, self.branch, start)
+            with telemetry.span("claudecluster.worktree", {telemetry.TASK_ID: spec.id}):
+                worktree = gitops.add_worktree(repo, self.root / spec.id, self.branch, start)
         except ClaudeClusterError as exc:
             return _failed(
                 result,
@@ -216,7 +227,8 @@ class _Attempt:
             spec, self.unit.run_id, fingerprint=self.fingerprint, outcome=outcome
         )
         try:
-            head = gitops.commit_all(worktree.path, message)
+            with telemetry.span("claudecluster.commit", {telemetry.TASK_ID: spec.id}):
+                head = gitops.commit_all(worktree.path, message)
         except ClaudeClusterError as exc:
             result.worktree = str(worktree.path)  # the uncommitted work is still there
             return _failed(
@@ -282,6 +294,11 @@ class _Attempt:
                 extra_disallowed=settings.disallowed_tools,
             ),
             system_prompt_append=WORKER_INSTRUCTIONS,
+            attributes={
+                telemetry.RUN_ID: self.unit.run_id,
+                telemetry.TASK_ID: self.spec.id,
+                telemetry.TASK_KIND: str(self.spec.kind),
+            },
         )
 
     def _record_commit(self, result: TaskResult, start: str, head: str) -> None:
@@ -294,7 +311,8 @@ class _Attempt:
         )
 
     def _verify(self, result: TaskResult, worktree: Path) -> None:
-        _verify_into(result, self.unit, worktree)
+        with telemetry.span("claudecluster.verify", {telemetry.TASK_ID: self.spec.id}):
+            _verify_into(result, self.unit, worktree)
 
     def _discard(self, worktree: Path) -> None:
         """Remove a worktree and branch holding nothing (no session ran, or it changed nothing)."""

@@ -21,7 +21,7 @@ from prefect.client.schemas.objects import FlowRun, State
 from prefect.states import Completed, Failed
 from prefect.utilities.urls import url_for
 
-from claudecluster import remote
+from claudecluster import remote, telemetry
 from claudecluster.artifacts import publish_plan_artifact, publish_run_artifacts
 from claudecluster.checks import DEFAULT_MAX_TASKS
 from claudecluster.concurrency import session_slot
@@ -48,6 +48,9 @@ from claudecluster.tasks.integrate import integrate_branches
 from claudecluster.tasks.plan import plan_goal
 from claudecluster.tasks.pull_request import open_pull_request, review_integration
 from claudecluster.workspace import default_worktree_root, new_run_id
+
+# Before any flow run starts, so Prefect's own spans go to the collector too.
+telemetry.setup()
 
 
 def publish_branches(repo: Any, report: RunReport, *, env: dict[str, str]) -> None:
@@ -136,6 +139,12 @@ def goal_flow(
     started = time.monotonic()
     identity = current_identity(goal=goal or (plan.goal if plan else None))
     tag_current_run(identity.tags)
+    telemetry.set_attributes(
+        {
+            telemetry.RUN_ID: identity.run_id,
+            telemetry.GOAL: telemetry.goal_attribute(goal or (plan.goal if plan else None) or ""),
+        }
+    )
     with tags(*identity.tags):
         try:
             prepared = prepare_goal(
@@ -315,6 +324,9 @@ def _drive(
         budget_usd=resolved.budget_usd,
     )
     report.ui_url = report.ui_url or url_for("flow-run", obj_id=identity.flow_run_id)
+    report.trace_id = telemetry.current_trace_id()
+    report.trace_url = telemetry.trace_url(report.trace_id)
+    _record_run_metrics(report, integration.resolved, resolved.budget_usd)
     RunJournal(run_id).save_report(report)
     if target.url:
         publish_branches(target.repo, report, env=dict(target.git_env))
@@ -323,6 +335,7 @@ def _drive(
         RunJournal(run_id).save_report(report)
     publish_run_artifacts(report, plan, scope)
     progress.complete(f"run {report.status}")
+    telemetry.flush()
     if report.status is RunStatus.SUCCEEDED:
         return Completed(data=report, message="every task succeeded, merged and verified")
     return Failed(data=report, message=report.error or "the run failed")
@@ -389,3 +402,17 @@ def _pull_request(
             f"The work is kept on {report.integration_branch}."
         )
         logger.error("%s", report.error)
+
+
+def _record_run_metrics(report: RunReport, resolved: list[str], budget_usd: float | None) -> None:
+    """Merges, conflicts and the budget's use, as cluster metrics (when telemetry is on)."""
+    metrics = telemetry.instruments()
+    if metrics is None:
+        return
+    merged = [r for r in report.tasks if r.status.ok and r.branch]
+    unmerged = {u.id for u in report.unmerged}
+    metrics.merges.add(len([r for r in merged if r.id not in unmerged]), {"outcome": "merged"})
+    metrics.merges.add(len(resolved), {"outcome": "conflict_resolved"})
+    metrics.merges.add(len(unmerged), {"outcome": "not_merged"})
+    if budget_usd:
+        metrics.budget_spent.record(report.totals.cost_usd / budget_usd)

@@ -15,6 +15,7 @@ from prefect.cache_policies import NONE
 from prefect.client.schemas.objects import State
 from prefect.states import Completed, Failed
 
+from claudecluster import telemetry
 from claudecluster.blocks.repository import load_target, resolve_target
 from claudecluster.blocks.settings import resolve_settings
 from claudecluster.concurrency import session_slot
@@ -24,6 +25,9 @@ from claudecluster.naming import TAG, artifact_key, slug
 from claudecluster.pr_review import PostedReview, open_subject, review_subject
 from claudecluster.session import SessionHost
 from claudecluster.workspace import default_worktree_root
+
+# Before any flow run starts, so Prefect's own spans go to the collector too.
+telemetry.setup()
 
 
 @task(name="review", task_run_name="review", cache_policy=NONE, persist_result=False)

@@ -14,6 +14,7 @@ from prefect import flow, get_run_logger, tags
 from prefect.client.schemas.objects import State
 from prefect.states import Completed, Failed
 
+from claudecluster import telemetry
 from claudecluster.blocks.repository import resolve_target
 from claudecluster.errors import ClaudeClusterError
 from claudecluster.flows.goal import goal_flow
@@ -23,6 +24,9 @@ from claudecluster.runs import current_identity, tag_current_run
 from claudecluster.sweep import SweepSpec, select_files, sweep_plan
 from claudecluster.sweep_state import last_swept_commit, record_sweep
 from claudecluster.workspace import default_worktree_root, new_run_id
+
+# Before any flow run starts, so Prefect's own spans go to the collector too.
+telemetry.setup()
 
 
 def _sweep_run_name() -> str:

@@ -14,9 +14,13 @@ from prefect import flow, get_run_logger
 from prefect.client.schemas.objects import State
 from prefect.states import Failed
 
+from claudecluster import telemetry
 from claudecluster.models import FailureReason, TaskResult, WorkUnit
 from claudecluster.pools import WORKER_FLOW_NAME
 from claudecluster.tasks.worker import as_state, run_unit
+
+# Before any flow run starts, so Prefect's own spans go to the collector too.
+telemetry.setup()
 
 
 @flow(

@@ -28,6 +28,7 @@ from prefect.client.schemas.objects import State
 from prefect.context import TaskRunContext
 from prefect.states import Completed, Failed
 
+from claudecluster import telemetry
 from claudecluster.artifacts import publish_task_artifacts
 from claudecluster.blocks.repository import git_env_from_block
 from claudecluster.blocks.settings import session_env_from_block
@@ -78,6 +79,14 @@ async def run_worker(unit: WorkUnit, host: SessionHost | None = None) -> State[T
     session takes a cluster-wide session slot and the settings block's credentials.
     """
     logger = get_run_logger()
+    telemetry.set_attributes(
+        {
+            telemetry.RUN_ID: unit.run_id,
+            telemetry.TASK_ID: unit.spec.id,
+            telemetry.TASK_KIND: str(unit.spec.kind),
+            telemetry.POOL: unit.pool,
+        }
+    )
     if host is None:
         env = await session_env_from_block(unit.settings_block) if unit.settings_block else {}
         host = SessionHost(slot=session_slot, env=env)

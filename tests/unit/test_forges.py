@@ -144,6 +144,11 @@ class TestBody:
         assert merge_body("", ours) == ours
         assert merge_body("Only a person's text.", ours).endswith("Only a person's text.")
 
+    def test_the_trace_when_there_is_one(self) -> None:
+        body = pull_request_body(report(trace_id="ab" * 16, trace_url="http://t/ab"), "T")
+        assert f"Trace: [{'ab' * 16}](http://t/ab)." in body
+        assert "Trace:" not in pull_request_body(report(), "T")
+
     def test_title(self) -> None:
         assert pull_request_title("Add  type hints\nto every module") == (
             "ClaudeCluster: Add type hints"

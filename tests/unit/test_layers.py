@@ -13,7 +13,7 @@
                 verify, worker, planner, integrate, resolve,
                 summary, sweep, clean, pricing, budget, journal,
                 reaper, naming, forges, pull_request, review,
-                pr_review, testing/
+                pr_review, telemetry, testing/
 
 Every import counts, including those inside functions and ``TYPE_CHECKING`` blocks: a
 lazy import is still a dependency. A module that is in no layer fails the test, so a new
@@ -75,6 +75,7 @@ LAYERS: dict[str, str] = {
             "pull_request",
             "review",
             "pr_review",
+            "telemetry",
         )
     },
     **{

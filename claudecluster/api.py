@@ -13,7 +13,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from claudecluster import prefect_server
+from claudecluster import gitops, prefect_server
 from claudecluster.checks import (
     check_goal,
     check_limits,
@@ -72,6 +72,7 @@ def run_goal(
     pr: PullRequestMode | str | None = None,
     review: ReviewMode | str | None = None,
     forge_api_url: str | None = None,
+    pr_base: str | None = None,
     announce: Callable[[str], None] | None = None,
     on_interrupted: Callable[[RunReport], None] | None = None,
 ) -> RunReport:
@@ -106,6 +107,9 @@ def run_goal(
         plan = load_plan_file(plan_file)
     if repo is not None and not is_remote(repo):
         target = open_target(repo, base=base)
+        # The pull request merges into the branch the user named as the base, if they did.
+        if pr_base is None and base is not None and gitops.branch_exists(target.repo, base):
+            pr_base = base
         repo, base = str(target.root), target.base_commit
         plan = prepare_plan(target.root, plan=plan, plan_file=None, max_tasks=max_tasks)
         if pr and PullRequestMode(pr) is not PullRequestMode.OFF and repo_block is None:
@@ -113,7 +117,7 @@ def run_goal(
 
             # The goal flow checks it again; here a wrong token fails before a server starts.
             prepare_forge_target(
-                target.repo, location=None, base=base, token=None, api_url=forge_api_url
+                target.repo, location=None, base=pr_base, token=None, api_url=forge_api_url
             )
     goal_text = goal if goal and goal.strip() else (plan.goal if plan else None)
     goal_text = check_goal(goal_text or "")
@@ -147,6 +151,7 @@ def run_goal(
         "pr": PullRequestMode(pr) if pr else None,
         "review": ReviewMode(review) if review else None,
         "forge_api_url": forge_api_url,
+        "pr_base": pr_base,
     }
     with worktrees_in(Path(worktree_root) if worktree_root else None):
         return host_goal(run_id, parameters, server, on_interrupted)

@@ -211,6 +211,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         "pr": args.pr,
         "review": args.review,
         "forge_api_url": args.forge_api_url,
+        "pr_base": args.pr_base,
         "announce": _announce,
         "on_interrupted": partial(_interrupted, as_json=args.json),
     }
@@ -574,6 +575,12 @@ def build_parser() -> argparse.ArgumentParser:
         choices=[m.value for m in PullRequestMode if m is not PullRequestMode.OFF],
         help="push the integration branch (branch), or open or update a pull request "
         "(draft, ready); needs a forge token (CLAUDECLUSTER_FORGE_TOKEN or GITHUB_TOKEN)",
+    )
+    run.add_argument(
+        "--pr-base",
+        metavar="BRANCH",
+        help="the branch the pull request merges into (default: --base when it is a branch, "
+        "else the checked-out branch)",
     )
     run.add_argument(
         "--review",

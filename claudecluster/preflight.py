@@ -69,6 +69,7 @@ def prepare_goal(
     pr: PullRequestMode | None = None,
     review: ReviewMode | None = None,
     forge_api_url: str | None = None,
+    pr_base: str | None = None,
 ) -> PreparedGoal:
     """Resolve and check a goal run's inputs; UsageError (one line) for anything wrong."""
     check_limits(max_parallel=max_parallel, budget_usd=budget_usd)
@@ -93,7 +94,7 @@ def prepare_goal(
         forge = prepare_forge_target(
             target.repo,
             location=target.url,
-            base=base_commit,
+            base=pr_base or base_commit,
             token=token,
             api_url=options.forge_api_url or block_api_url,
             remote_name=options.remote,

@@ -108,6 +108,7 @@ def goal_flow(
     pr: PullRequestMode | None = None,
     review: ReviewMode | None = None,
     forge_api_url: str | None = None,
+    pr_base: str | None = None,
 ) -> State[RunReport]:
     """Turn a goal into a plan, run it, merge it and report; the run fails unless all did.
 
@@ -134,6 +135,8 @@ def goal_flow(
             (also a review with line comments) or none.
         forge_api_url: The forge's API base URL when the remote is not on github.com
             (https://HOST/api/v3 for GitHub Enterprise, https://HOST/api/v1 for Gitea).
+        pr_base: The branch the pull request merges into; by default base when it names a
+            branch, else the repository's checked-out branch.
     """
     preload_sdk()  # overlaps with the start-up below, which mostly waits on the server
     started = time.monotonic()
@@ -164,6 +167,7 @@ def goal_flow(
                 pr=pr,
                 review=review,
                 forge_api_url=forge_api_url,
+                pr_base=pr_base,
             )
         except ClaudeClusterError as exc:
             return _not_started(identity, exc)

@@ -26,6 +26,7 @@ from claudecluster.models import RunReport, RunStatus, TaskSpec
 from claudecluster.naming import artifact_key, artifact_scope
 from claudecluster.plan import Plan
 from claudecluster.pr_review import REPLY_MARKER
+from claudecluster.remote import credential_env
 from claudecluster.respond import respond
 from claudecluster.review import NOTE_MARKER, REVIEW_MARKER
 from claudecluster.testing import Script, ScriptedModelServer, structured, text, tool_use
@@ -355,6 +356,29 @@ class TestOpenAndUpdate:
         )
         assert remote_head(forge, info.head) == report.head_commit
         assert forge.repos[(OWNER, NAME)].pulls == {}
+
+    def test_the_pr_merges_into_the_branch_named_as_base(
+        self,
+        github: tuple[ForgeServer, Path],
+        model_server: ScriptedModelServer,
+        marker: str,
+        worktree_root: Path,
+    ) -> None:
+        forge, sample = github
+        add_scripts(model_server, marker)
+        git(sample, "branch", "release")
+        subprocess.run(
+            ["git", "-C", str(sample), "push", "-q", forge.git_url(OWNER, NAME), "release"],
+            env={**os.environ, **credential_env(None, forge.token)},
+            check=True,
+        )
+
+        report = run_with_pr(
+            sample, forge, usage_plan(marker), worktree_root, pr="draft", base="release"
+        )
+
+        assert report.pull_request is not None and report.pull_request.base == "release"
+        assert forge.pull(OWNER, NAME, 1).base == "release"
 
 
 class TestRefused:

@@ -27,8 +27,7 @@ from claudecluster.review import (
     NOTE_MARKER,
     REVIEW_MARKER,
     Review,
-    line_comments,
-    post_line_review,
+    post_review,
     review_markdown,
     run_review,
 )
@@ -233,10 +232,7 @@ async def review_subject(
     markdown = review_markdown(review, subject=subject.label, cost_usd=outcome.cost_usd)
     posted = PostedReview(review, markdown, outcome.cost_usd)
     if post and subject.forge is not None and subject.pull is not None:
-        number = subject.pull.number
-        posted.comment_url = subject.forge.upsert_comment(number, REVIEW_MARKER, markdown)
-        if lines:
-            posted.line_comments = post_line_review(
-                subject.forge, number, line_comments(review, diff)
-            )
+        posted.comment_url, posted.line_comments = post_review(
+            subject.forge, subject.pull.number, review, markdown, diff, lines=lines
+        )
     return posted

@@ -105,9 +105,7 @@ def fetch(repo: git.Repo, *, env: dict[str, str] | None = None, pattern: str = "
 
 def push(repo: git.Repo, branch: str, *, env: dict[str, str] | None = None) -> None:
     """Push ``branch`` to origin under the same name."""
-    _run_git(
-        ["push", "--quiet", "origin", f"{branch}:refs/heads/{branch}"], Path(repo.git_dir), env
-    )
+    push_to(repo, "origin", branch, env=env)
 
 
 def push_to(
@@ -115,7 +113,7 @@ def push_to(
     url: str,
     branch: str,
     *,
-    env: dict[str, str],
+    env: dict[str, str] | None,
     force: bool = False,
     to: str | None = None,
 ) -> None:

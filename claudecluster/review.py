@@ -237,11 +237,18 @@ def review_markdown(review: Review, *, subject: str, cost_usd: float | None = No
     return redact("\n".join(lines))
 
 
-def post_line_review(forge: Forge, number: int, comments: list[LineComment]) -> int:
-    """Post ``comments`` as one review (event COMMENT), leaving out those already on the pull
-    request, so a re-run adds no duplicates; how many were posted."""
+def post_review(
+    forge: Forge, number: int, review: Review, markdown: str, diff: str, *, lines: bool
+) -> tuple[str, int]:
+    """Post ``review`` on pull request ``number``: ``markdown`` as the sticky comment (edited in
+    place when it is there), and with ``lines`` its notes on lines of ``diff`` as one review
+    (event COMMENT), leaving out notes already there, so a re-run adds no duplicates. The
+    comment's URL and how many line comments were posted."""
+    url = forge.upsert_comment(number, REVIEW_MARKER, markdown)
+    if not lines:
+        return url, 0
     posted = {(c.path, c.line, c.body) for c in forge.line_comments(number)}
-    fresh = [c for c in comments if (c.path, c.line, c.body) not in posted]
+    fresh = [c for c in line_comments(review, diff) if (c.path, c.line, c.body) not in posted]
     if fresh:
         forge.create_review(number, f"{len(fresh)} notes from the ClaudeCluster review.", fresh)
-    return len(fresh)
+    return url, len(fresh)

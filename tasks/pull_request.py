@@ -20,11 +20,9 @@ from claudecluster.naming import artifact_key
 from claudecluster.plan import Plan
 from claudecluster.pull_request import ForgeTarget, publish_pull_request
 from claudecluster.review import (
-    REVIEW_MARKER,
     Intent,
     Review,
-    line_comments,
-    post_line_review,
+    post_review,
     review_markdown,
     review_prose,
     run_review,
@@ -118,10 +116,10 @@ def open_pull_request(
     verb = "opened" if info.created else ("pushed" if info.number is None else "updated")
     logger.info("%s %s (%s -> %s)", verb, info.url, info.head, info.base)
     if info.number is not None and summary is not None and review is not None:
-        info.review_url = target.forge.upsert_comment(info.number, REVIEW_MARKER, summary)
-        if line_review:
-            count = post_line_review(target.forge, info.number, line_comments(review, diff))
-            logger.info("posted a review with %d new line comments", count)
+        info.review_url, count = post_review(
+            target.forge, info.number, review, summary, diff, lines=line_review
+        )
+        logger.info("posted the review (%d new line comments)", count)
     create_link_artifact(
         key=artifact_key(scope, "pull-request"),
         link=info.url,

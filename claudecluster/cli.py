@@ -479,6 +479,7 @@ def _cmd_setup(args: argparse.Namespace) -> int:
         starts_per_second=args.starts_per_second,
         start_burst=args.start_burst,
         image=args.image,
+        team=args.team,
     )
     where = server.api_url if server else os.environ.get("PREFECT_API_URL", "Prefect")
     print(f"Prepared {where} for ClaudeCluster:")
@@ -490,15 +491,62 @@ def _cmd_setup(args: argparse.Namespace) -> int:
         f"bursts of {report.start_burst}"
     )
     print(f"  block types: {', '.join(report.blocks)}")
+    print(f"  automation claudecluster-lost-worker: {report.lost_worker_automation}")
     print("Next, from the repository root:")
     print("  prefect deploy --all --prefect-file deployments/prefect.yaml")
     print("  prefect worker start --pool claudecluster-process")
     return EXIT_OK
 
 
+def _cmd_team_server(args: argparse.Namespace) -> int:
+    from claudecluster import team_server
+
+    if args.action == "stop":
+        stopped = team_server.stop_team_server()
+        print("stopped the team server" if stopped else "no team server running here")
+        return EXIT_OK
+    if args.action == "start":
+        if not args.database_url or not args.redis_url:
+            raise UsageError(
+                "server start --team needs --database-url and --redis-url",
+                hint="e.g. --database-url postgresql://prefect:PASSWORD@db:5432/prefect "
+                "--redis-url redis://cache:6379/0",
+            )
+        config = team_server.TeamServerConfig(
+            database_url=args.database_url,
+            redis_url=args.redis_url,
+            replicas=args.replicas,
+            host=args.host,
+            port=args.port,
+            public_url=args.public_url,
+        )
+        server = team_server.start_team_server(config)
+    else:
+        found = team_server.team_server_status()
+        if found is None:
+            print("no team server running here")
+            return EXIT_FAILED
+        server = found
+    print(f"team server at {server.api_url} (UI {server.ui_url})")
+    print(
+        f"  {len(server.replica_pids)} API replicas (pids "
+        + ", ".join(map(str, server.replica_pids))
+        + f"), services pid {server.services_pid}, nginx pid {server.balancer_pid}"
+    )
+    print(f"  logs under {server.home}")
+    print(f"  on every host: export PREFECT_API_URL={server.api_url}")
+    return EXIT_OK
+
+
 def _cmd_server(args: argparse.Namespace) -> int:
     from claudecluster import prefect_server
 
+    if args.team:
+        if args.action == "url":
+            raise UsageError(
+                "server url is for the embedded server", hint="use server status --team"
+            )
+        return _cmd_team_server(args)
     if args.action == "stop":
         stopped = prefect_server.stop_server()
         print("stopped the local Prefect server" if stopped else "no local Prefect server running")
@@ -737,6 +785,12 @@ def build_parser() -> argparse.ArgumentParser:
         "the task branches)",
     )
     setup_cmd.add_argument(
+        "--team",
+        action="store_true",
+        help="the server is shared by hosts that share no disk: process-pool runs keep their "
+        "results on their own host (they come back through git)",
+    )
+    setup_cmd.add_argument(
         "--image",
         metavar="IMAGE",
         help="worker image for the Docker and Kubernetes pools, e.g. one pushed to your "
@@ -744,11 +798,36 @@ def build_parser() -> argparse.ArgumentParser:
     )
     setup_cmd.set_defaults(handler=_cmd_setup, ephemeral=False)
 
-    server = sub.add_parser("server", help="manage the local Prefect server")
+    server = sub.add_parser(
+        "server", help="manage the local Prefect server, or a team server (--team)"
+    )
     server.add_argument(
         "action",
         choices=["status", "start", "stop", "url"],
         help="url starts the server if needed and prints its API URL (for PREFECT_API_URL)",
+    )
+    team = server.add_argument_group(
+        "team server",
+        "PostgreSQL and Redis (yours), API replicas and services behind nginx, for workers "
+        "on other hosts",
+    )
+    team.add_argument(
+        "--team", action="store_true", help="the team server instead of the embedded one"
+    )
+    team.add_argument("--database-url", metavar="URL", help="postgresql://USER:PASSWORD@HOST/DB")
+    team.add_argument("--redis-url", metavar="URL", help="redis://HOST:6379/0")
+    team.add_argument("--replicas", type=_positive_int, default=2, help="API replicas (default: 2)")
+    team.add_argument(
+        "--host", default="0.0.0.0", help="address the load balancer listens on (default: all)"
+    )
+    team.add_argument(
+        "--port", type=_positive_int, default=4200, help="load balancer port (default: 4200)"
+    )
+    team.add_argument(
+        "--public-url",
+        metavar="URL",
+        help="the URL workers and browsers use, e.g. http://prefect.internal:4200 "
+        "(default: this host's name and --port)",
     )
     server.set_defaults(handler=_cmd_server)
     return parser

@@ -128,9 +128,9 @@ def fetch_from(repo: git.Repo, url: str, ref: str, into: str, *, env: dict[str, 
     return _run_git(["rev-parse", into], Path(repo.git_dir), env).strip()
 
 
-def _free_port() -> int:
+def _free_port(host: str) -> int:
     with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
+        sock.bind((host, 0))
         return int(sock.getsockname()[1])
 
 
@@ -142,15 +142,16 @@ class ServedRepository:
     branch of a non-bare repository is refused by git itself.
     """
 
-    def __init__(self, repo_path: Path) -> None:
+    def __init__(self, repo_path: Path, host: str = "127.0.0.1") -> None:
         self.repo_path = repo_path.resolve()
+        self.host = host
         self.port = 0
         self._process: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
         """The repository's git:// URL."""
-        return f"git://127.0.0.1:{self.port}/{self.repo_path.name}"
+        return f"git://{self.host}:{self.port}/{self.repo_path.name}"
 
     def __enter__(self) -> ServedRepository:
         try:
@@ -159,7 +160,7 @@ class ServedRepository:
             raise RepoError(
                 f"{self.repo_path} is not a git repository", repo=str(self.repo_path)
             ) from None
-        self.port = _free_port()
+        self.port = _free_port(self.host)
         self._process = subprocess.Popen(
             [
                 "git",
@@ -167,7 +168,7 @@ class ServedRepository:
                 "--reuseaddr",
                 "--export-all",
                 "--enable=receive-pack",
-                "--listen=127.0.0.1",
+                f"--listen={self.host}",
                 f"--port={self.port}",
                 f"--base-path={self.repo_path.parent}",
                 str(self.repo_path),
@@ -180,7 +181,7 @@ class ServedRepository:
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
+                with socket.create_connection((self.host, self.port), timeout=0.2):
                     return self
             except OSError:
                 if self._process.poll() is not None:
@@ -200,3 +201,17 @@ class ServedRepository:
                 os.killpg(self._process.pid, signal.SIGTERM)
             self._process.wait(timeout=10)
             self._process = None
+
+
+def push_commit(
+    repo: git.Repo, commit: str, branch: str, *, env: dict[str, str] | None = None
+) -> None:
+    """Point origin's ``branch`` at ``commit`` (created or moved, even backwards)."""
+    _run_git(
+        ["push", "--quiet", "origin", f"+{commit}:refs/heads/{branch}"], Path(repo.git_dir), env
+    )
+
+
+def delete_branch(repo: git.Repo, branch: str, *, env: dict[str, str] | None = None) -> None:
+    """Delete origin's ``branch`` (nothing happens when it is not there)."""
+    _run_git(["push", "--quiet", "origin", f":refs/heads/{branch}"], Path(repo.git_dir), env)

@@ -2,12 +2,12 @@
 
 ::
 
-    interface   api, cli, demo, prefect_server, setup, report,     (anything below)
-                respond
+    interface   api, cli, demo, prefect_server, team_server,       (anything below)
+                setup, report, respond
         │
     prefect     flows/, tasks/, blocks/, dispatch, concurrency,      (core, prefect layer)
         │       places, pools, artifacts, progress, sweep_state,
-        │       server_watch, preflight, runs
+        │       server_watch, preflight, runs, lost_workers
     core        models, errors, plan, checks, gitops, remote,        (core only; never
                 target, workspace, session, permissions, redact,      Prefect)
                 verify, worker, planner, integrate, resolve,
@@ -94,11 +94,21 @@ LAYERS: dict[str, str] = {
             "server_watch",
             "preflight",
             "runs",
+            "lost_workers",
         )
     },
     **{
         f"claudecluster.{name}": INTERFACE
-        for name in ("api", "cli", "demo", "prefect_server", "setup", "report", "respond")
+        for name in (
+            "api",
+            "cli",
+            "demo",
+            "prefect_server",
+            "team_server",
+            "setup",
+            "report",
+            "respond",
+        )
     },
 }
 

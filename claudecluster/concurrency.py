@@ -41,6 +41,9 @@ START_RATE_LIMIT = "claudecluster-session-starts"
 # counted, which cost ~3 s per task in the benchmark with a burst of 4 at 2 per second.
 DEFAULT_START_BURST = 16
 DEFAULT_STARTS_PER_SECOND = 8.0
+# A pool session's slot is a lease its process renews; if the machine dies, the slot frees
+# when the lease runs out (Prefect's default, 300 s, would keep it from the cluster 5 min).
+SESSION_LEASE_S = 60.0
 
 
 @dataclass(frozen=True)
@@ -95,7 +98,9 @@ async def session_slot() -> AsyncIterator[None]:
     acquired = False
     try:
         await _take_start()
-        async with concurrency(SESSION_LIMIT, occupy=1, strict=True):
+        async with concurrency(
+            SESSION_LIMIT, occupy=1, strict=True, lease_duration=SESSION_LEASE_S
+        ):
             acquired = True
             yield
     except ConcurrencySlotAcquisitionError as exc:

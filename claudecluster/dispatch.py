@@ -43,7 +43,7 @@ from claudecluster import remote
 from claudecluster.artifacts import publish_task_artifacts_sync
 from claudecluster.budget import GoalBudget
 from claudecluster.errors import ClaudeClusterError
-from claudecluster.gitops import BRANCH_PREFIX
+from claudecluster.gitops import ATTEMPTS_PREFIX, BRANCH_PREFIX
 from claudecluster.journal import RunJournal
 from claudecluster.models import (
     Dependency,
@@ -374,7 +374,10 @@ class _Dispatcher:
             self.nodes[spec.id] = TaskRunResult(id=future.task_run_id)
             return future
         target = run.targets[task_pool]
-        unit = run.unit_for(spec, plan, self.results, shares_disk=target.shares_disk, local=False)
+        # A repository named by URL goes to every pool as that URL: process workers may be
+        # on other hosts, and even on this one a clone of the origin needs none of our disk.
+        shares_disk = target.shares_disk and run.origin_env is None
+        unit = run.unit_for(spec, plan, self.results, shares_disk=shares_disk, local=False)
         self.logger.info("%s dispatched to pool %s", spec.id, task_pool)
         pool_future, self.nodes[spec.id] = dispatch_to_pool(
             target.deployment,
@@ -520,11 +523,12 @@ def recover_result(
     if reason is not FailureReason.RESULT_STORAGE:
         if run.origin_env is not None:  # the branch was pushed to the repository's URL
             repo = open_target(run.repo).repo
+            branch = f"{BRANCH_PREFIX}/{run.run_id}/{spec.id}"
             with contextlib.suppress(ClaudeClusterError):
+                remote.fetch(repo, env=dict(run.origin_env), pattern=branch)
+            with contextlib.suppress(ClaudeClusterError):  # attempts lost with their machines
                 remote.fetch(
-                    repo,
-                    env=dict(run.origin_env),
-                    pattern=f"{BRANCH_PREFIX}/{run.run_id}/{spec.id}",
+                    repo, env=dict(run.origin_env), pattern=f"{ATTEMPTS_PREFIX}/{branch}/*"
                 )
         unit = run.unit_for(spec, plan, results, shares_disk=True, local=True)
         rebuilt = result_from_branch(

@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import os
 import shutil
+import tempfile
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -159,11 +161,24 @@ ATTEMPTS_PREFIX = "claudecluster-attempts"
 def _archive_branch(repo: git.Repo, branch: str) -> str:
     # Numbered so repeated attempts never overwrite each other; callers hold the lock.
     number = 1
-    while branch_exists(repo, f"{ATTEMPTS_PREFIX}/{branch}/{number}"):
+    while branch_exists(repo, attempt_branch(branch, number)):
         number += 1
-    archived = f"{ATTEMPTS_PREFIX}/{branch}/{number}"
+    archived = attempt_branch(branch, number)
     _git(repo, "branch", "-m", branch, archived)
     return archived
+
+
+def attempt_branch(branch: str, number: int) -> str:
+    """Where attempt ``number``'s unfinished work on ``branch`` is kept."""
+    return f"{ATTEMPTS_PREFIX}/{branch}/{number}"
+
+
+def attempt_branches(repo: git.Repo, branch: str) -> list[str]:
+    """The branches keeping earlier attempts' work on ``branch``, oldest first."""
+    prefix = f"{ATTEMPTS_PREFIX}/{branch}/"
+    names = _git(repo, "for-each-ref", "--format=%(refname:short)", f"refs/heads/{prefix}")
+    found = [n for n in names.split() if n.removeprefix(prefix).isdigit()]
+    return sorted(found, key=lambda n: int(n.removeprefix(prefix)))
 
 
 _thread_locks: dict[str, threading.Lock] = {}
@@ -248,6 +263,35 @@ def commit_all(worktree: Path, message: str) -> str | None:
             return None
         _git(repo, *_identity("commit", "--quiet", "--no-verify", "-m", message))
         return str(repo.head.commit.hexsha)
+
+
+def snapshot_commit(worktree: Path, message: str, *, since: str | None = None) -> str | None:
+    """A commit of the files in ``worktree`` as they are now, on top of its HEAD, made with
+    a scratch index: the worktree's own index, branch and files are untouched. None when
+    its tree is the same as HEAD's or as ``since``'s (an earlier snapshot)."""
+    with git.Repo(worktree) as repo, tempfile.TemporaryDirectory() as scratch:
+        env = {**os.environ, "GIT_INDEX_FILE": str(Path(scratch) / "index")}
+
+        def run(*args: str) -> str:
+            try:
+                return str(repo.git.execute(["git", *args], env=env)).strip()
+            except GitCommandError as exc:
+                raise GitError(
+                    f"git {args[0]} failed: {str(exc.stderr).strip() or exc}",
+                    command="git " + " ".join(args),
+                    stderr=str(exc.stderr),
+                ) from exc
+
+        run("read-tree", "HEAD")
+        with _litter_excludes(Path(scratch)) as exclude:
+            run("-c", f"core.excludesFile={exclude}", "add", "--all", ".")
+        tree = run("write-tree")
+        unchanged = {run("rev-parse", "HEAD^{tree}")}
+        if since is not None:
+            unchanged.add(run("rev-parse", f"{since}^{{tree}}"))
+        if tree in unchanged:
+            return None
+        return run(*_identity("commit-tree", tree, "-p", "HEAD", "-m", message))
 
 
 def diff_stats(repo: git.Repo, base: str, head: str) -> list[FileChange]:

@@ -164,6 +164,7 @@ class FailureReason(StrEnum):
     API_UNREACHABLE = "api_unreachable"  # the model API did not answer at all
     SERVER_LOST = "server_lost"  # the Prefect server stopped answering; resume finishes it
     RESULT_STORAGE = "result_storage"  # a pool's worker cannot write its result storage
+    WORKER_LOST = "worker_lost"  # its worker machine died too often (claudecluster.lost_workers)
 
 
 class FileChange(StrictModel):

@@ -18,6 +18,7 @@ from typing import Any
 from pydantic import Field
 
 from claudecluster.concurrency import SESSION_LIMIT, ensure_limits
+from claudecluster.lost_workers import HEARTBEAT_ENV, ensure_automation
 from claudecluster.models import StrictModel
 
 PROCESS_POOL = "claudecluster-process"
@@ -40,6 +41,10 @@ class SetupReport(StrictModel):
     start_burst: int = Field(description="Session starts allowed at once.")
     starts_per_second: float = Field(description="Session starts per second, sustained.")
     blocks: list[str] = Field(description="Block types registered.")
+    lost_worker_automation: str = Field(
+        description="'created' or 'updated': the automation that runs a task whose worker "
+        "died again on another worker (claudecluster.lost_workers)."
+    )
 
 
 def local_results() -> str:
@@ -150,6 +155,13 @@ def with_result_storage(template: dict[str, Any], block_slug: str) -> dict[str, 
     return template
 
 
+def with_env_defaults(template: dict[str, Any], env: dict[str, str]) -> dict[str, Any]:
+    """``template`` whose runs get ``env`` unless a deployment or run says otherwise."""
+    properties = template["variables"]["properties"]["env"]
+    properties["default"] = {**env, **properties.get("default", {})}
+    return template
+
+
 def with_local_results(template: dict[str, Any], results: str) -> dict[str, Any]:
     """``template`` whose runs persist results under ``results`` on the worker's machine.
 
@@ -169,6 +181,7 @@ def setup(
     starts_per_second: float | None = None,
     start_burst: int | None = None,
     image: str | None = None,
+    team: bool = False,
 ) -> SetupReport:
     """Create pools, the session limit and the block types on the current Prefect server.
 
@@ -177,14 +190,17 @@ def setup(
     they need none on a single machine (the driver rebuilds a result from the task branch).
     ``image`` is the worker image for the container pools (for example one pushed to a
     registry); they then pull it when a host does not have it. A pool that exists keeps
-    every setting these do not name.
+    every setting these do not name. With ``team`` the process pool's runs may be on hosts
+    that share no disk with the driver, so they keep results where Prefect keeps them on
+    their own host instead of under this machine's ClaudeCluster home.
     """
     created = {}
     for name in pools or list(POOLS):
         worker_type, template_path = POOLS[name]
         template = base_job_template(template_path)
         overrides: dict[str, Any] = {}
-        if worker_type == "process":
+        template = with_env_defaults(template, HEARTBEAT_ENV)
+        if worker_type == "process" and not team:
             template = with_local_results(template, local_results())
         else:
             if result_storage:
@@ -196,6 +212,7 @@ def setup(
     limits = ensure_limits(sessions, starts_per_second=starts_per_second, start_burst=start_burst)
     return SetupReport(
         pools=created,
+        lost_worker_automation=ensure_automation(),
         session_limit=limits.sessions,
         start_burst=limits.start_burst,
         starts_per_second=limits.starts_per_second,

@@ -18,9 +18,13 @@ trailers of its branch's commit when the journal is on another machine.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Mapping
+from datetime import datetime
 from pathlib import Path
+
+import git
 
 from claudecluster import gitops, remote, telemetry
 from claudecluster.errors import ClaudeClusterError, StartRefusedError
@@ -68,6 +72,8 @@ OUTCOME_TRAILER = "ClaudeCluster-Outcome"
 COST_TRAILER = "ClaudeCluster-Cost-USD"
 TURNS_TRAILER = "ClaudeCluster-Turns"
 DURATION_TRAILER = "ClaudeCluster-Session-S"
+ATTEMPT_TRAILER = "ClaudeCluster-Attempt"
+STARTED_TRAILER = "ClaudeCluster-Started"
 FINISHED = "finished"
 
 
@@ -164,6 +170,9 @@ class _Attempt:
         self.fingerprint = unit.fingerprint()
         self.earlier = self._earlier_attempts()
         self.record: Attempt | None = None
+        # A clone's unfinished work goes to the origin after every turn (see checkpoint).
+        self.worktree: Path | None = None
+        self.checkpoint_branch: str | None = None
 
     def reused(self) -> TaskResult | None:
         """The result of earlier finished work on this very unit, or None."""
@@ -204,6 +213,8 @@ class _Attempt:
             )
         self._keep_earlier_work(worktree.archived)
         self.record = self.journal.begin_attempt(spec.id)
+        if self.target.url is not None:
+            self._prepare_checkpoints(worktree.path)
         try:
             outcome = await self.host.run(self._request(worktree.path), _JournalWatch(self))
         except ClaudeClusterError as exc:
@@ -223,6 +234,7 @@ class _Attempt:
             )
         _record_outcome(result, outcome)
         self._record_session(outcome)
+        self._drop_checkpoint()  # the commit below holds everything it held
         message = commit_message(
             spec, self.unit.run_id, fingerprint=self.fingerprint, outcome=outcome
         )
@@ -324,6 +336,64 @@ class _Attempt:
         remote.push(self.target.repo, self.branch, env=dict(self.target.git_env))
         self.host.log(f"pushed {self.branch} to {redact(str(self.target.url))}")
 
+    # -- checkpoints of a clone's work (its machine may die with it)
+
+    def _prepare_checkpoints(self, worktree: Path) -> None:
+        """Learn the attempts that died on other machines (their checkpoints on the origin,
+        fetched with the clone) and take the next free checkpoint branch."""
+        assert self.record is not None
+        kept = gitops.attempt_branches(self.target.repo, self.branch)
+        known = {a.branch for a in self.earlier}
+        for lost in lost_attempts(self.target.repo, self.branch):
+            if lost.branch not in known:
+                self.earlier.append(lost)
+                self.host.log(
+                    f"attempt {lost.number} died with its machine after {lost.turns} turns "
+                    f"(${lost.cost_usd:.4f}); its work is kept on {lost.branch}"
+                )
+        self.record.number = max([self.record.number, *(a.number + 1 for a in self.earlier)])
+        number = 1
+        while gitops.attempt_branch(self.branch, number) in kept:
+            number += 1
+        self.checkpoint_branch = gitops.attempt_branch(self.branch, number)
+        self.worktree = worktree
+
+    def checkpoint(self) -> None:
+        """Push the worktree's files as they are now to the attempt's checkpoint branch on
+        the origin, with what the attempt has spent: if this machine dies, the work and its
+        cost are not lost with it. Never fails the session."""
+        record, worktree, branch = self.record, self.worktree, self.checkpoint_branch
+        if record is None or worktree is None or branch is None:
+            return
+        message = "\n".join(
+            [
+                f"Unfinished work of attempt {record.number} of {self.spec.id}",
+                "",
+                f"{TASK_TRAILER}: {self.spec.id}",
+                f"{RUN_TRAILER}: {self.unit.run_id}",
+                f"{ATTEMPT_TRAILER}: {record.number}",
+                f"{COST_TRAILER}: {record.cost_usd:.6f}",
+                f"{TURNS_TRAILER}: {record.turns}",
+                f"{STARTED_TRAILER}: {record.started_at.isoformat()}",
+            ]
+        )
+        try:
+            commit = gitops.snapshot_commit(worktree, message)
+            if commit is not None:
+                remote.push_commit(self.target.repo, commit, branch, env=dict(self.target.git_env))
+                record.branch = branch
+        except ClaudeClusterError as exc:
+            self.host.log(f"could not checkpoint the work so far: {exc.one_line()}")
+
+    def _drop_checkpoint(self) -> None:
+        """The attempt ended and commits its work: its checkpoint holds nothing more."""
+        branch = self.checkpoint_branch
+        if branch is None or self.record is None or self.record.branch != branch:
+            return  # never pushed one
+        with contextlib.suppress(ClaudeClusterError):
+            remote.delete_branch(self.target.repo, branch, env=dict(self.target.git_env))
+        self.record.branch = None
+
     # -- the journal
 
     def _earlier_attempts(self) -> list[Attempt]:
@@ -414,6 +484,17 @@ def result_from_branch(unit: WorkUnit, target: Target, scratch_root: Path) -> Ta
     result.diff, result.diff_truncated = gitops.cap_text(
         gitops.diff_text(target.repo, start, head), DIFF_CAP_BYTES
     )
+    lost = lost_attempts(target.repo, branch)
+    if lost:  # earlier attempts died with their machines: they were paid for too
+        last = Attempt(
+            number=lost[-1].number + 1,
+            outcome="finished" if outcome == FINISHED else "stopped",
+            turns=result.turns,
+            cost_usd=result.cost_usd,
+            started_at=target.repo.commit(head).committed_datetime,
+        )
+        result.attempts = [*lost, last]
+        result.cost_usd = round(sum(a.cost_usd for a in result.attempts), 6)
     if outcome != FINISHED:  # "stopped (<reason>)": its work is kept, not verified
         reason = outcome.removeprefix("stopped (").rstrip(")")
         result.failure_reason = FailureReason(reason) if reason in set(FailureReason) else None
@@ -441,10 +522,33 @@ class _JournalWatch:
             record.turns += 1
             record.cost_usd = cost_usd
             self.attempt.journal.save_attempt(self.attempt.spec.id, record)
+            self.attempt.checkpoint()
         return None
 
     def spend(self, usd: float) -> None:
         """The final cost is recorded with the outcome."""
+
+
+def lost_attempts(repo: git.Repo, branch: str) -> list[Attempt]:
+    """Attempts at ``branch``'s task that died on their machines, from their checkpoint
+    branches (as fetched from the origin), in order."""
+    found = []
+    for kept in gitops.attempt_branches(repo, branch):
+        trailers = gitops.trailers(repo, kept)
+        if ATTEMPT_TRAILER not in trailers:
+            continue  # an attempt's work archived on this machine (the journal knows it)
+        with contextlib.suppress(KeyError, ValueError):
+            found.append(
+                Attempt(
+                    number=int(trailers[ATTEMPT_TRAILER]),
+                    outcome="interrupted",
+                    turns=int(trailers.get(TURNS_TRAILER, "0")),
+                    cost_usd=_number(trailers.get(COST_TRAILER)),
+                    branch=kept,
+                    started_at=datetime.fromisoformat(trailers[STARTED_TRAILER]),
+                )
+            )
+    return sorted(found, key=lambda a: a.number)
 
 
 def _verify_into(result: TaskResult, unit: WorkUnit, worktree: Path) -> None:

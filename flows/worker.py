@@ -15,6 +15,7 @@ from prefect.client.schemas.objects import State
 from prefect.states import Failed
 
 from claudecluster import telemetry
+from claudecluster.lost_workers import MAX_RUNS
 from claudecluster.models import FailureReason, TaskResult, WorkUnit
 from claudecluster.pools import WORKER_FLOW_NAME
 from claudecluster.tasks.worker import as_state, run_unit
@@ -39,6 +40,18 @@ async def worker_flow(unit: WorkUnit) -> State[TaskResult]:
     Args:
         unit: The task and everything its worker needs (see WorkUnit).
     """
+    from prefect.runtime import flow_run
+
+    runs = int(flow_run.run_count or 1)
+    if runs > 1:
+        # Put back to Scheduled by the lost-worker automation: the last machine died.
+        get_run_logger().warning(
+            "run %d of this task: the worker that had it stopped sending heartbeats", runs
+        )
+    if runs > MAX_RUNS:
+        message = f"its worker machine was lost {runs - 1} times; not trying again"
+        get_run_logger().error("not started: %s", message)
+        return Failed(message=f"{FailureReason.WORKER_LOST}: {message}")
     problem = await result_storage_problem()
     if problem is not None:
         get_run_logger().error("not started: %s", problem)

@@ -351,7 +351,11 @@ class _Attempt:
                     f"attempt {lost.number} died with its machine after {lost.turns} turns "
                     f"(${lost.cost_usd:.4f}); its work is kept on {lost.branch}"
                 )
-        self.record.number = max([self.record.number, *(a.number + 1 for a in self.earlier)])
+        number = max([self.record.number, *(a.number + 1 for a in self.earlier)])
+        if number != self.record.number:  # numbered after the attempts on other machines
+            self.journal.drop_attempt(self.spec.id, self.record.number)
+            self.record.number = number
+            self.journal.save_attempt(self.spec.id, self.record)
         number = 1
         while gitops.attempt_branch(self.branch, number) in kept:
             number += 1

@@ -44,9 +44,11 @@ async def worker_flow(unit: WorkUnit) -> State[TaskResult]:
 
     runs = int(flow_run.run_count or 1)
     if runs > 1:
-        # Put back to Scheduled by the lost-worker automation: the last machine died.
+        # Put back to Scheduled (by the lost-worker automation, or a Retry in the UI).
         get_run_logger().warning(
-            "run %d of this task: the worker that had it stopped sending heartbeats", runs
+            "run %d of this task's flow run: an earlier run did not finish (its worker "
+            "stopped sending heartbeats, or it was retried)",
+            runs,
         )
     if runs > MAX_RUNS:
         message = f"its worker machine was lost {runs - 1} times; not trying again"

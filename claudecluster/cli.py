@@ -512,14 +512,21 @@ def _cmd_team_server(args: argparse.Namespace) -> int:
                 hint="e.g. --database-url postgresql://prefect:PASSWORD@db:5432/prefect "
                 "--redis-url redis://cache:6379/0",
             )
-        config = team_server.TeamServerConfig(
-            database_url=args.database_url,
-            redis_url=args.redis_url,
-            replicas=args.replicas,
-            host=args.host,
-            port=args.port,
-            public_url=args.public_url,
-        )
+        try:
+            config = team_server.TeamServerConfig(
+                database_url=args.database_url,
+                redis_url=args.redis_url,
+                replicas=args.replicas,
+                host=args.host,
+                port=args.port,
+                public_url=args.public_url,
+            )
+        except ValidationError as exc:
+            problem = exc.errors()[0]
+            field = str(problem["loc"][0]).replace("_", "-")
+            raise UsageError(
+                f"--{field}: {problem['msg']}", hint="See claudecluster server --help."
+            ) from None
         server = team_server.start_team_server(config)
     else:
         found = team_server.team_server_status()

@@ -216,11 +216,13 @@ def _spawn(command: list[str], env: dict[str, str], log_file: Path) -> subproces
         )
 
 
-def _tail(log_file: Path, lines: int = 15) -> str:
+def _last_line(log_file: Path) -> str:
+    """The last line of a log that says something (its error, usually), for a one-line error."""
     with contextlib.suppress(OSError):
-        text = log_file.read_text(errors="replace").strip().splitlines()
-        return "\n".join(text[-lines:])
-    return "(no log)"
+        for line in reversed(log_file.read_text(errors="replace").splitlines()):
+            if line.strip() and not line.startswith(("Traceback", "  ")):
+                return line.strip()[:300]
+    return "(its log is empty)"
 
 
 def _wait_healthy(url: str, process: subprocess.Popen[bytes], log_file: Path) -> None:
@@ -228,7 +230,8 @@ def _wait_healthy(url: str, process: subprocess.Popen[bytes], log_file: Path) ->
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise ServerError(
-                f"{log_file.stem} exited ({process.returncode}) while starting:\n{_tail(log_file)}",
+                f"{log_file.stem} exited ({process.returncode}) while starting: "
+                + _last_line(log_file),
                 hint=f"See {log_file}.",
             )
         status, body = _probe(url, 2.0, direct=True)
@@ -320,7 +323,7 @@ def start_team_server(config: TeamServerConfig, home: Path | None = None) -> Tea
         )
     if migrated.returncode != 0:
         raise ServerError(
-            f"migrating the database failed:\n{_tail(migrate_log)}",
+            f"migrating the database failed: {_last_line(migrate_log)}",
             hint=f"See {migrate_log}; check the database URL and the user's rights.",
         )
     started: list[subprocess.Popen[bytes]] = []
@@ -368,7 +371,8 @@ def start_team_server(config: TeamServerConfig, home: Path | None = None) -> Tea
         _wait_healthy(f"http://{local}:{config.port}/api/health", balancer, balancer_log)
         if services.poll() is not None:
             raise ServerError(
-                f"the background services exited ({services.returncode}):\n{_tail(services_log)}",
+                f"the background services exited ({services.returncode}): "
+                + _last_line(services_log),
                 hint=f"See {services_log}.",
             )
     except BaseException:

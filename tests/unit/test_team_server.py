@@ -130,6 +130,16 @@ class TestCommandLine:
         lines = proc.stderr.strip().splitlines()
         assert len(lines) == 1 and "--database-url and --redis-url" in lines[0], proc.stderr
 
+    def test_an_impossible_port_is_a_usage_error(self, tmp_path: Path) -> None:
+        proc = self.run(
+            "server", "start", "--team", "--database-url", "postgresql://db/prefect",
+            "--redis-url", "redis://cache:6379/0", "--port", "70000", home=tmp_path,
+        )  # fmt: skip
+
+        assert proc.returncode == 2
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and "--port" in lines[0], proc.stderr
+
     def test_team_status_when_none_runs(self, tmp_path: Path) -> None:
         proc = self.run("server", "status", "--team", home=tmp_path)
 

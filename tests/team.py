@@ -500,7 +500,7 @@ def replica_killed(team: Team, index: int) -> Iterator[int]:
     finally:
         log = open(Path(cwd) / f"replica-{index + 1}.log", "ab")  # noqa: SIM115
         with log:
-            subprocess.Popen(
+            again = subprocess.Popen(
                 [c.decode() for c in command],
                 env={k.decode(): v.decode() for k, v in environ.items()},
                 cwd=cwd,
@@ -516,4 +516,11 @@ def replica_killed(team: Team, index: int) -> Iterator[int]:
                 return bool(response.status == 200)
             return False
 
+        # Recorded in the state file, so `claudecluster server stop --team` stops it too.
+        from claudecluster.team_server import TeamServer
+
+        state_file = team.home / "team" / "team-server.json"
+        state = TeamServer.model_validate_json(state_file.read_bytes())
+        state.replica_pids[index] = again.pid
+        state_file.write_text(state.model_dump_json(indent=2))
         wait_for(healthy, 90, lambda: f"replica {index + 1} did not come back")

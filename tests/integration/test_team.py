@@ -195,8 +195,13 @@ class TestFaults:
         wait_running_children(team, goal_id, 1)
         assert team.flow_run(goal_id)["state_type"] == "RUNNING"
         with replica_killed(team, 0):
+            killed_at = time.monotonic()
             thread.join(600)
             proc = out["proc"]
+            print(
+                f"\n[figures] replica killed: the run ended {time.monotonic() - killed_at:.1f} s "
+                f"later, exit {proc.returncode}"
+            )
         assert proc.returncode == 0, proc.stderr[-3000:] + team.logs_tail()
         report = json.loads(proc.stdout)
         assert report["status"] == "succeeded", report["error"]
@@ -230,6 +235,8 @@ class TestFaults:
         thread.join(600)
         proc = out["proc"]
         report = json.loads(proc.stdout) if proc.stdout.strip().startswith("{") else None
+        outcome = "completed" if proc.returncode == 0 else f"stopped ({proc.returncode}), resumed"
+        print(f"\n[figures] PostgreSQL restarted mid-run: the run {outcome}")
         if proc.returncode != 0:
             # A clean stop: one line saying what happened, and resume finishes the run.
             assert proc.stderr.strip().count("\n") == 0 or "resume" in proc.stderr, proc.stderr

@@ -269,6 +269,9 @@ http {{
     uwsgi_temp_path {temp}/uwsgi;
     scgi_temp_path {temp}/scgi;
     client_max_body_size 64m;
+    # Bodies stay in memory: written to a temp file they would need a folder nginx's
+    # workers (nobody, when started as root) can write, and a big goal's plan is ~100 KB.
+    client_body_buffer_size 64m;
     map $http_upgrade $connection_upgrade {{ default upgrade; '' ''; }}
     upstream prefect_api {{
 {servers}

@@ -120,6 +120,18 @@ class TestTopology:
             worktrees = list((machine.disk() / "claudecluster").rglob(f"{report['run_id']}"))
             assert clones or worktrees, f"{machine.name} has no clone of the repository"
 
+    def test_a_big_request_passes_the_load_balancer(self, team: Team) -> None:
+        """A 256-task goal's parameters (~100 KB) once met nginx's body temp file, which its
+        workers could not write: 500 Internal Server Error. 300 KB must pass."""
+        flow = team.api("POST", "/flows/", {"name": "team-big-body"})
+        run = team.api(
+            "POST",
+            "/flow_runs/",
+            {"flow_id": flow["id"], "parameters": {"plan": "x" * 300_000}},
+        )
+        assert len(team.flow_run(run["id"])["parameters"]["plan"]) == 300_000
+        team.api("DELETE", f"/flow_runs/{run['id']}")
+
 
 def run_in_background(team: Team, *args: str) -> tuple[threading.Thread, dict[str, Any]]:
     """``claudecluster`` with ``args`` in a thread; the dict gets ``proc`` when it ends."""

@@ -156,6 +156,7 @@ class TestLoadBalancer:
         assert "listen 0.0.0.0:4200" in text
         assert "proxy_set_header Upgrade $http_upgrade;" in text
         assert "proxy_next_upstream error timeout http_502 http_503 http_504;" in text
+        assert "client_body_buffer_size 64m;" in text  # never a temp file nginx cannot write
 
     @pytest.mark.skipif(
         subprocess.run(["which", "nginx"], capture_output=True).returncode != 0,

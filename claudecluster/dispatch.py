@@ -39,11 +39,10 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.utilities.annotations import quote
 from prefect.utilities.urls import url_for
 
-from claudecluster import remote
+from claudecluster import gitops, remote
 from claudecluster.artifacts import publish_task_artifacts_sync
 from claudecluster.budget import GoalBudget
 from claudecluster.errors import ClaudeClusterError
-from claudecluster.gitops import ATTEMPTS_PREFIX, BRANCH_PREFIX
 from claudecluster.journal import RunJournal
 from claudecluster.models import (
     Dependency,
@@ -69,7 +68,7 @@ from claudecluster.server_watch import ServerWatch
 from claudecluster.session import SessionHost, SessionRunner
 from claudecluster.target import open_target
 from claudecluster.tasks.worker import worker_task
-from claudecluster.worker import result_from_branch
+from claudecluster.worker import lost_attempts, result_from_branch
 
 # A task's node in the goal's graph: its task run, or its flow run on a pool.
 GraphNode = TaskRunResult | FlowRunResult
@@ -374,10 +373,7 @@ class _Dispatcher:
             self.nodes[spec.id] = TaskRunResult(id=future.task_run_id)
             return future
         target = run.targets[task_pool]
-        # A repository named by URL goes to every pool as that URL: process workers may be
-        # on other hosts, and even on this one a clone of the origin needs none of our disk.
-        shares_disk = target.shares_disk and run.origin_env is None
-        unit = run.unit_for(spec, plan, self.results, shares_disk=shares_disk, local=False)
+        unit = run.unit_for(spec, plan, self.results, shares_disk=target.shares_disk, local=False)
         self.logger.info("%s dispatched to pool %s", spec.id, task_pool)
         pool_future, self.nodes[spec.id] = dispatch_to_pool(
             target.deployment,
@@ -523,12 +519,12 @@ def recover_result(
     if reason is not FailureReason.RESULT_STORAGE:
         if run.origin_env is not None:  # the branch was pushed to the repository's URL
             repo = open_target(run.repo).repo
-            branch = f"{BRANCH_PREFIX}/{run.run_id}/{spec.id}"
+            branch = gitops.task_branch(run.run_id, spec.id)
             with contextlib.suppress(ClaudeClusterError):
                 remote.fetch(repo, env=dict(run.origin_env), pattern=branch)
             with contextlib.suppress(ClaudeClusterError):  # attempts lost with their machines
                 remote.fetch(
-                    repo, env=dict(run.origin_env), pattern=f"{ATTEMPTS_PREFIX}/{branch}/*"
+                    repo, env=dict(run.origin_env), pattern=f"{gitops.ATTEMPTS_PREFIX}/{branch}/*"
                 )
         unit = run.unit_for(spec, plan, results, shares_disk=True, local=True)
         rebuilt = result_from_branch(
@@ -560,6 +556,11 @@ def recover_result(
         )
     if spent is not None:
         result.cost_usd, result.turns = float(spent["cost"]), int(spent["turns"])
+    # Attempts that died with their machines were paid for too (their checkpoints say).
+    lost = lost_attempts(open_target(run.repo).repo, gitops.task_branch(run.run_id, spec.id))
+    if lost:
+        result.attempts = lost
+        result.cost_usd = round(result.cost_usd + sum(a.cost_usd for a in lost), 6)
     return result
 
 

@@ -265,10 +265,10 @@ def commit_all(worktree: Path, message: str) -> str | None:
         return str(repo.head.commit.hexsha)
 
 
-def snapshot_commit(worktree: Path, message: str, *, since: str | None = None) -> str | None:
+def snapshot_commit(worktree: Path, message: str, *, allow_empty: bool = False) -> str | None:
     """A commit of the files in ``worktree`` as they are now, on top of its HEAD, made with
     a scratch index: the worktree's own index, branch and files are untouched. None when
-    its tree is the same as HEAD's or as ``since``'s (an earlier snapshot)."""
+    its tree is the same as HEAD's, unless ``allow_empty`` (the message still says something)."""
     with git.Repo(worktree) as repo, tempfile.TemporaryDirectory() as scratch:
         env = {**os.environ, "GIT_INDEX_FILE": str(Path(scratch) / "index")}
 
@@ -286,10 +286,7 @@ def snapshot_commit(worktree: Path, message: str, *, since: str | None = None) -
         with _litter_excludes(Path(scratch)) as exclude:
             run("-c", f"core.excludesFile={exclude}", "add", "--all", ".")
         tree = run("write-tree")
-        unchanged = {run("rev-parse", "HEAD^{tree}")}
-        if since is not None:
-            unchanged.add(run("rev-parse", f"{since}^{{tree}}"))
-        if tree in unchanged:
+        if not allow_empty and tree == run("rev-parse", "HEAD^{tree}"):
             return None
         return run(*_identity("commit-tree", tree, "-p", "HEAD", "-m", message))
 

@@ -234,7 +234,6 @@ class _Attempt:
             )
         _record_outcome(result, outcome)
         self._record_session(outcome)
-        self._drop_checkpoint()  # the commit below holds everything it held
         message = commit_message(
             spec, self.unit.run_id, fingerprint=self.fingerprint, outcome=outcome
         )
@@ -250,6 +249,7 @@ class _Attempt:
             )
         if head is None:
             self._discard(worktree.path)
+            self._drop_checkpoint()  # nothing to keep; its cost is in this result
             result.status = (
                 TaskStatus.NO_CHANGES if outcome.ok else status_for(outcome.failure_reason)
             )
@@ -265,6 +265,9 @@ class _Attempt:
             gitops.remove_worktree(repo, worktree.path)
         if self.target.url is not None:
             self._push()
+            # Only now: until the task branch is on the origin, the checkpoint is the copy
+            # that survives this machine.
+            self._drop_checkpoint()
         return result
 
     def finish(self, result: TaskResult) -> None:
@@ -382,7 +385,8 @@ class _Attempt:
             ]
         )
         try:
-            commit = gitops.snapshot_commit(worktree, message)
+            # Also when no file changed yet: the commit's trailers keep what was spent.
+            commit = gitops.snapshot_commit(worktree, message, allow_empty=True)
             if commit is not None:
                 remote.push_commit(self.target.repo, commit, branch, env=dict(self.target.git_env))
                 record.branch = branch

@@ -10,11 +10,15 @@ Every pool a plan uses is checked before anything starts.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from claudecluster.errors import ConfigError, UnknownPoolError, UsageError
 from claudecluster.plan import LOCAL_POOL
 
 WORKER_FLOW_NAME = "claudecluster-worker"
+# In a process pool's job environment (set by `claudecluster setup --team`): "false" when its
+# workers are on other hosts and share no disk with the driver.
+SHARES_DISK_VAR = "CLAUDECLUSTER_POOL_SHARES_DISK"
 
 
 @dataclass(frozen=True)
@@ -23,11 +27,17 @@ class PoolTarget:
 
     deployment: str
     pool_type: str
+    other_hosts: bool = False  # a process pool whose workers are on other hosts
 
     @property
     def shares_disk(self) -> bool:
         """True when the pool's workers see the driver's files (so a local path works)."""
-        return self.pool_type == "process"
+        return self.pool_type == "process" and not self.other_hosts
+
+
+def _other_hosts(base_job_template: dict[str, Any]) -> bool:
+    env = base_job_template.get("variables", {}).get("properties", {}).get("env", {}).get("default")
+    return isinstance(env, dict) and str(env.get(SHARES_DISK_VAR, "")).lower() == "false"
 
 
 def worker_deployments(pools: set[str]) -> dict[str, PoolTarget]:
@@ -50,11 +60,14 @@ def worker_deployments(pools: set[str]) -> dict[str, PoolTarget]:
 
     found: dict[str, PoolTarget] = {}
     types: dict[str, str] = {}
+    elsewhere: dict[str, bool] = {}
     try:
         with get_client(sync_client=True) as client:
             for pool in remote:
                 try:
-                    types[pool] = client.read_work_pool(pool).type
+                    work_pool = client.read_work_pool(pool)
+                    types[pool] = work_pool.type
+                    elsewhere[pool] = _other_hosts(work_pool.base_job_template)
                 except ObjectNotFound:
                     raise UnknownPoolError(
                         f"unknown pool {pool!r}: no such work pool on the Prefect server",
@@ -77,6 +90,7 @@ def worker_deployments(pools: set[str]) -> dict[str, PoolTarget]:
             found[deployment.work_pool_name] = PoolTarget(
                 deployment=f"{WORKER_FLOW_NAME}/{deployment.name}",
                 pool_type=types[deployment.work_pool_name],
+                other_hosts=elsewhere[deployment.work_pool_name],
             )
     missing = [pool for pool in remote if pool not in found]
     if missing:
@@ -101,4 +115,9 @@ def check_reachable(targets: dict[str, PoolTarget], *, repo_is_url: bool) -> Non
             raise UsageError(
                 f"pool {pool!r} runs pods that cannot reach a local repository",
                 hint="Pass a git URL the cluster can clone and push to (--repo or --repo-block).",
+            )
+        if target.other_hosts:
+            raise UsageError(
+                f"pool {pool!r} has workers on other hosts that cannot reach a local repository",
+                hint="Pass a git URL every host can clone and push to (--repo or --repo-block).",
             )

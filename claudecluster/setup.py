@@ -20,6 +20,7 @@ from pydantic import Field
 from claudecluster.concurrency import SESSION_LIMIT, ensure_limits
 from claudecluster.lost_workers import HEARTBEAT_ENV, ensure_automation
 from claudecluster.models import StrictModel
+from claudecluster.pools import SHARES_DISK_VAR
 
 PROCESS_POOL = "claudecluster-process"
 DOCKER_POOL = "claudecluster-docker"
@@ -67,13 +68,16 @@ def ensure_pool(
     worker_type: str,
     template: dict[str, Any],
     overrides: dict[str, Any] | None = None,
+    *,
+    drop_env: tuple[str, ...] = (),
 ) -> str:
     """Create the work pool, or update its template; returns 'created' or 'updated'.
 
     An existing pool keeps what was set on it (in the UI, by an earlier ``setup``, with
     ``prefect work-pool update``): its variables' defaults win over the shipped template's,
     environment variables merge key by key. Only ``overrides`` (variable name to default,
-    ``env`` merged) replace what is there: what this ``setup`` was explicitly asked to set.
+    ``env`` merged) replace what is there: what this ``setup`` was explicitly asked to set;
+    ``drop_env`` names environment variables it was asked to remove.
     """
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.actions import WorkPoolCreate, WorkPoolUpdate
@@ -83,7 +87,7 @@ def ensure_pool(
         try:
             existing = client.read_work_pool(name)
         except ObjectNotFound:
-            template = _with_defaults(template, overrides or {})
+            template = _without_env(_with_defaults(template, overrides or {}), drop_env)
             client.create_work_pool(
                 WorkPoolCreate(
                     name=name,
@@ -93,8 +97,9 @@ def ensure_pool(
                 )
             )
             return "created"
-        merged = _with_defaults(
-            merged_template(template, existing.base_job_template), overrides or {}
+        merged = _without_env(
+            _with_defaults(merged_template(template, existing.base_job_template), overrides or {}),
+            drop_env,
         )
         client.update_work_pool(name, WorkPoolUpdate(base_job_template=merged))
         return "updated"
@@ -126,6 +131,13 @@ def _with_defaults(template: dict[str, Any], defaults: dict[str, Any]) -> dict[s
         else:
             variables[name]["default"] = value
     return result
+
+
+def _without_env(template: dict[str, Any], names: tuple[str, ...]) -> dict[str, Any]:
+    env = template["variables"]["properties"].get("env", {})
+    for name in names:
+        env.get("default", {}).pop(name, None)
+    return template
 
 
 def register_blocks() -> list[str]:
@@ -190,9 +202,9 @@ def setup(
     they need none on a single machine (the driver rebuilds a result from the task branch).
     ``image`` is the worker image for the container pools (for example one pushed to a
     registry); they then pull it when a host does not have it. A pool that exists keeps
-    every setting these do not name. With ``team`` the process pool's runs may be on hosts
-    that share no disk with the driver, so they keep results where Prefect keeps them on
-    their own host instead of under this machine's ClaudeCluster home.
+    every setting these do not name. With ``team`` the process pool's workers are on hosts
+    that share no disk with the driver: runs keep results on their own host (they come back
+    through git) and get repositories by URL; a local path is refused before a run starts.
     """
     created = {}
     for name in pools or list(POOLS):
@@ -200,7 +212,14 @@ def setup(
         template = base_job_template(template_path)
         overrides: dict[str, Any] = {}
         template = with_env_defaults(template, HEARTBEAT_ENV)
-        if worker_type == "process" and not team:
+        drop: tuple[str, ...] = ()
+        if worker_type == "process" and team:
+            # Workers on other hosts: results stay on each host, repositories go by URL.
+            overrides["env"] = {SHARES_DISK_VAR: "false"}
+            if result_storage:
+                overrides["env"].update(result_storage_env(result_storage))
+            drop = ("PREFECT_LOCAL_STORAGE_PATH",)
+        elif worker_type == "process":
             template = with_local_results(template, local_results())
         else:
             if result_storage:
@@ -208,7 +227,7 @@ def setup(
             if image:
                 overrides["image"] = image
                 overrides["image_pull_policy"] = "IfNotPresent"
-        created[name] = ensure_pool(name, worker_type, template, overrides)
+        created[name] = ensure_pool(name, worker_type, template, overrides, drop_env=drop)
     limits = ensure_limits(sessions, starts_per_second=starts_per_second, start_burst=start_burst)
     return SetupReport(
         pools=created,

@@ -508,7 +508,8 @@ def _cmd_team_server(args: argparse.Namespace) -> int:
     if args.action == "start":
         if not args.database_url or not args.redis_url:
             raise UsageError(
-                "server start --team needs --database-url and --redis-url",
+                "server start --team needs --database-url and --redis-url (or "
+                "CLAUDECLUSTER_DATABASE_URL and CLAUDECLUSTER_REDIS_URL)",
                 hint="e.g. --database-url postgresql://prefect:PASSWORD@db:5432/prefect "
                 "--redis-url redis://cache:6379/0",
             )
@@ -821,8 +822,19 @@ def build_parser() -> argparse.ArgumentParser:
     team.add_argument(
         "--team", action="store_true", help="the team server instead of the embedded one"
     )
-    team.add_argument("--database-url", metavar="URL", help="postgresql://USER:PASSWORD@HOST/DB")
-    team.add_argument("--redis-url", metavar="URL", help="redis://HOST:6379/0")
+    team.add_argument(
+        "--database-url",
+        metavar="URL",
+        default=os.environ.get("CLAUDECLUSTER_DATABASE_URL"),
+        help="postgresql://USER:PASSWORD@HOST/DB (default: $CLAUDECLUSTER_DATABASE_URL, which "
+        "keeps the password out of the process list and the shell history)",
+    )
+    team.add_argument(
+        "--redis-url",
+        metavar="URL",
+        default=os.environ.get("CLAUDECLUSTER_REDIS_URL"),
+        help="redis://[:PASSWORD@]HOST:6379/0 (default: $CLAUDECLUSTER_REDIS_URL)",
+    )
     team.add_argument("--replicas", type=_positive_int, default=2, help="API replicas (default: 2)")
     team.add_argument(
         "--host", default="0.0.0.0", help="address the load balancer listens on (default: all)"

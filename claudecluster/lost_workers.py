@@ -12,8 +12,12 @@ attempt starts clean; the lost attempt's work is on the origin under
 turn), and its cost is counted in the task's attempts.
 
 The driver holds no session slot for a lost run (pool sessions hold their own, with a short
-lease that expires with the machine), so nothing leaks. A run that loses its machine more
-than :data:`MAX_RUNS` times fails instead of going round again.
+lease that expires with the machine), so nothing leaks. A run whose machine was lost
+:data:`MAX_RUNS` times fails instead of going round again.
+
+The automation cannot tell a dead machine from one cut off from the server for longer than
+:data:`SILENCE_SECONDS`: such a run is taken again while the first may still be running
+(the task branch takes the first push of the two; the other's work stays on its checkpoint).
 """
 
 from __future__ import annotations

@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -37,6 +38,7 @@ from pydantic import Field, ValidationError
 from claudecluster.errors import ConfigError, ServerError
 from claudecluster.models import StrictModel
 from claudecluster.prefect_server import (
+    _command_line,
     _pid_alive,
     _private_opener,
     _probe,
@@ -55,6 +57,7 @@ __all__ = [
 
 TEAM_DIR_NAME = "team"
 STATE_FILE_NAME = "team-server.json"
+PIDS_FILE_NAME = "team-server.pids"  # every process started, as it starts
 _MIGRATE_TIMEOUT_S = 600.0
 _START_TIMEOUT_S = 120.0
 
@@ -172,27 +175,28 @@ def _check_parts(config: TeamServerConfig) -> None:
 
     try:
         redis.Redis.from_url(config.redis_url, socket_connect_timeout=5).ping()
-    except redis.RedisError as exc:
+    except (redis.RedisError, ValueError) as exc:
         raise ConfigError(
-            f"Redis at {_without_password(config.redis_url)} does not answer: {exc}",
+            f"Redis at {_without_password(config.redis_url)} does not answer: "
+            + _without_password(str(exc)),
             hint="Start Redis or fix --redis-url.",
         ) from None
-    parts = urlsplit(config.database_url)
     try:
+        parts = urlsplit(config.database_url)
         socket.create_connection((parts.hostname or "localhost", parts.port or 5432), 5).close()
-    except OSError as exc:
+    except (OSError, ValueError) as exc:
         raise ConfigError(
             f"PostgreSQL at {_without_password(config.database_url)} does not answer: {exc}",
             hint="Start PostgreSQL or fix --database-url.",
         ) from None
 
 
-def _without_password(url: str) -> str:
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
-    return urlunsplit(parts._replace(netloc=netloc))
+def _without_password(text: str) -> str:
+    """``text`` (a URL, or a message quoting URLs) with every URL's password masked."""
+    return _PASSWORD.sub(r"\1***@", text)
+
+
+_PASSWORD = re.compile(r"(://[^:/@\s]*:)[^@\s]*@")
 
 
 def _free_loopback_port() -> int:
@@ -203,8 +207,10 @@ def _free_loopback_port() -> int:
 
 
 def _spawn(command: list[str], env: dict[str, str], log_file: Path) -> subprocess.Popen[bytes]:
+    """Start one process of the server, detached; its pid is recorded at once, so a start
+    that dies half-way leaves nothing that ``stop`` cannot find."""
     with open(log_file, "ab", opener=_private_opener) as log:
-        return subprocess.Popen(
+        process = subprocess.Popen(
             command,
             stdin=subprocess.DEVNULL,
             stdout=log,
@@ -214,6 +220,9 @@ def _spawn(command: list[str], env: dict[str, str], log_file: Path) -> subproces
             start_new_session=True,  # outlives the command that started it
             close_fds=True,
         )
+    with open(log_file.parent / PIDS_FILE_NAME, "a") as pids:
+        pids.write(f"{process.pid}\n")
+    return process
 
 
 def _last_line(log_file: Path) -> str:
@@ -255,6 +264,7 @@ def nginx_config(team_home: Path, *, host: str, port: int, replica_ports: list[i
         f"        server 127.0.0.1:{p} max_fails=1 fail_timeout=10s;" for p in replica_ports
     )
     temp = team_home / "nginx-temp"
+    listen = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     return f"""# Written by claudecluster server start --team; rewritten at every start.
 daemon off;
 worker_processes 2;
@@ -278,7 +288,7 @@ http {{
         keepalive 64;
     }}
     server {{
-        listen {host}:{port} reuseport;
+        listen {listen};
         location / {{
             proxy_pass http://prefect_api;
             proxy_http_version 1.1;
@@ -307,23 +317,31 @@ def start_team_server(config: TeamServerConfig, home: Path | None = None) -> Tea
             f"a team server is already running here ({running.api_url})",
             hint="Stop it first: claudecluster server stop --team",
         )
-    _check_parts(config)
+    stop_team_server(home)  # what a start that died half-way left running
     prefect_home = team_home / "prefect"
     prefect_home.mkdir(exist_ok=True, mode=0o700)
-    env = team_server_env(config, prefect_home)
+    env = team_server_env(config, prefect_home)  # checks the URLs before anything answers
+    _check_port_free(config.host, config.port)
+    _check_parts(config)
     prefect_cli = [sys.executable, "-m", "prefect"]
     migrate_log = team_home / "migrate.log"
-    with open(migrate_log, "wb", opener=_private_opener) as log:
-        migrated = subprocess.run(
-            [*prefect_cli, "server", "database", "upgrade", "-y"],
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env=env,
-            cwd=team_home,
-            timeout=_MIGRATE_TIMEOUT_S,
-            check=False,
-        )
+    try:
+        with open(migrate_log, "wb", opener=_private_opener) as log:
+            migrated = subprocess.run(
+                [*prefect_cli, "server", "database", "upgrade", "-y"],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+                cwd=team_home,
+                timeout=_MIGRATE_TIMEOUT_S,
+                check=False,
+            )
+    except subprocess.TimeoutExpired:
+        raise ServerError(
+            f"migrating the database took over {_MIGRATE_TIMEOUT_S:g} s",
+            hint=f"See {migrate_log}; check that nothing holds a lock on the database.",
+        ) from None
     if migrated.returncode != 0:
         raise ServerError(
             f"migrating the database failed: {_last_line(migrate_log)}",
@@ -371,7 +389,15 @@ def start_team_server(config: TeamServerConfig, home: Path | None = None) -> Tea
         )
         started.append(balancer)
         local = "127.0.0.1" if config.host in ("0.0.0.0", "::") else config.host
+        if ":" in local:
+            local = f"[{local}]"
         _wait_healthy(f"http://{local}:{config.port}/api/health", balancer, balancer_log)
+        time.sleep(0.5)
+        if balancer.poll() is not None:  # something else answered on the port
+            raise ServerError(
+                f"nginx exited ({balancer.returncode}): {_last_line(balancer_log)}",
+                hint=f"See {balancer_log}.",
+            )
         if services.poll() is not None:
             raise ServerError(
                 f"the background services exited ({services.returncode}): "
@@ -405,22 +431,45 @@ def team_server_status(home: Path | None = None) -> TeamServer | None:
         server = TeamServer.model_validate_json(path.read_bytes())
     except (OSError, ValidationError, ValueError):
         return None
-    return server if _pid_alive(server.balancer_pid) else None
+    return server if _ours(server.balancer_pid) else None
 
 
 def stop_team_server(home: Path | None = None) -> bool:
-    """Stop every process of the team server started from this home; False if none ran."""
-    path = (home or claudecluster_home()) / TEAM_DIR_NAME / STATE_FILE_NAME
-    try:
-        server = TeamServer.model_validate_json(path.read_bytes())
-    except (OSError, ValidationError, ValueError):
-        return False
+    """Stop every process of the team server started from this home (also what a start
+    that died half-way left); False if none ran."""
+    team_home = (home or claudecluster_home()) / TEAM_DIR_NAME
+    pids: list[int] = []
+    with contextlib.suppress(OSError, ValidationError, ValueError):
+        pids += TeamServer.model_validate_json((team_home / STATE_FILE_NAME).read_bytes()).pids
+    with contextlib.suppress(OSError, ValueError):
+        pids += [int(p) for p in (team_home / PIDS_FILE_NAME).read_text().split()]
     stopped = False
-    for pid in server.pids:
-        if _pid_alive(pid):
+    for pid in dict.fromkeys(pids):
+        if _ours(pid):
             stopped = True
             with contextlib.suppress(ProcessLookupError):
                 _terminate(pid, grace_s=10)
-    with contextlib.suppress(FileNotFoundError):
-        path.unlink()
+    for name in (STATE_FILE_NAME, PIDS_FILE_NAME):
+        with contextlib.suppress(FileNotFoundError):
+            (team_home / name).unlink()
     return stopped
+
+
+def _ours(pid: int) -> bool:
+    """A live process of a team server (never a process that reused a recorded pid)."""
+    if not _pid_alive(pid):
+        return False
+    command = _command_line(pid)
+    return "nginx" in command or ("prefect" in command and "server" in command)
+
+
+def _check_port_free(host: str, port: int) -> None:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            raise ConfigError(
+                f"cannot listen on {host}:{port}: {exc.strerror or exc}",
+                hint="Stop what uses the port, or pass --port.",
+            ) from None

@@ -335,6 +335,15 @@ def team_topology(root: Path, *, machines: int = 3, worker_limit: int = 6) -> It
             "PYTHONUNBUFFERED": "1",
         }
         server_env = {**base_env, "CLAUDECLUSTER_HOME": str(home)}
+        stack.callback(
+            lambda: subprocess.run(
+                [sys.executable, "-m", "claudecluster.cli", "server", "stop", "--team"],
+                cwd=ROOT,
+                env=server_env,
+                capture_output=True,
+                timeout=120,
+            )
+        )
         started = subprocess.run(
             [
                 sys.executable,
@@ -343,8 +352,6 @@ def team_topology(root: Path, *, machines: int = 3, worker_limit: int = 6) -> It
                 "server",
                 "start",
                 "--team",
-                "--database-url",
-                pg.url.replace("+asyncpg", ""),
                 "--redis-url",
                 rd.url,
                 "--host",
@@ -355,19 +362,11 @@ def team_topology(root: Path, *, machines: int = 3, worker_limit: int = 6) -> It
                 api_url[:-4],
             ],
             cwd=ROOT,
-            env=server_env,
+            # The database's password through the environment, as the README advises.
+            env={**server_env, "CLAUDECLUSTER_DATABASE_URL": pg.url.replace("+asyncpg", "")},
             capture_output=True,
             text=True,
             timeout=300,
-        )
-        stack.callback(
-            lambda: subprocess.run(
-                [sys.executable, "-m", "claudecluster.cli", "server", "stop", "--team"],
-                cwd=ROOT,
-                env=server_env,
-                capture_output=True,
-                timeout=120,
-            )
         )
         assert started.returncode == 0, started.stdout + started.stderr
         team = Team(bridge_ip, api_url, home, env, pg, rd, model, origin, served.url, made)

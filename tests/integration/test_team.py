@@ -120,6 +120,21 @@ class TestTopology:
             worktrees = list((machine.disk() / "claudecluster").rglob(f"{report['run_id']}"))
             assert clones or worktrees, f"{machine.name} has no clone of the repository"
 
+    def test_a_local_path_is_refused_for_workers_on_other_hosts(
+        self, team: Team, tmp_path: Path, marker: str
+    ) -> None:
+        plan = write_plan(tmp_path / "plan.yaml", file_plan(marker, ["local"]))
+        local = tmp_path / "checkout"
+        git(tmp_path, "clone", "-q", str(team.origin), str(local))
+        requests = len(team.model.requests)
+
+        proc = team.cli("run", "--plan", str(plan), "--repo", str(local), "--pool", POOL)
+
+        assert proc.returncode == 2
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and "workers on other hosts" in lines[0], proc.stderr
+        assert len(team.model.requests) == requests
+
     def test_a_big_request_passes_the_load_balancer(self, team: Team) -> None:
         """A 256-task goal's parameters (~100 KB) once met nginx's body temp file, which its
         workers could not write: 500 Internal Server Error. 300 KB must pass."""
@@ -250,8 +265,9 @@ class TestFaults:
         outcome = "completed" if proc.returncode == 0 else f"stopped ({proc.returncode}), resumed"
         print(f"\n[figures] PostgreSQL restarted mid-run: the run {outcome}")
         if proc.returncode != 0:
-            # A clean stop: one line saying what happened, and resume finishes the run.
-            assert proc.stderr.strip().count("\n") == 0 or "resume" in proc.stderr, proc.stderr
+            # A clean stop: exit 3, one line saying what happened; resume finishes the run.
+            assert proc.returncode == 3, proc.stderr[-3000:]
+            assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
             run_id = report["run_id"] if report else None
             assert run_id, proc.stderr
             resumed = team.cli("resume", run_id, "--json")

@@ -8,6 +8,9 @@ configuration, checkpoints of a worktree, and reading lost attempts back.
 
 from __future__ import annotations
 
+import importlib.util
+import shutil
+import socket
 import subprocess
 import sys
 from datetime import UTC, datetime
@@ -100,16 +103,27 @@ class TestSettings:
         assert not (tmp_path / "team" / "team-server.json").exists()
         assert not list((tmp_path / "team").glob("replica-*.log"))
 
+    @pytest.mark.skipif(
+        shutil.which("nginx") is None or importlib.util.find_spec("prefect_redis") is None,
+        reason="nginx or prefect-redis is not installed (.ci/run installs them)",
+    )
     def test_passwords_are_not_echoed(self, tmp_path: Path) -> None:
         with pytest.raises(ConfigError) as caught:
-            start_team_server(
-                config(
-                    redis_url="redis://:hunter2@127.0.0.1:1/0",
-                ),
-                tmp_path,
-            )
+            start_team_server(config(redis_url="redis://:hunter2@127.0.0.1:1/0"), tmp_path)
 
+        assert caught.value.message.startswith("Redis at redis://:***@127.0.0.1:1/0 does not")
         assert "hunter2" not in caught.value.one_line()
+
+    def test_a_port_in_use_is_refused_before_anything_starts(self, tmp_path: Path) -> None:
+        with socket.socket() as taken:
+            taken.bind(("127.0.0.1", 0))
+            taken.listen()
+            port = taken.getsockname()[1]
+            with pytest.raises(ConfigError) as caught:
+                start_team_server(config(host="127.0.0.1", port=port), tmp_path)
+
+        assert caught.value.message.startswith(f"cannot listen on 127.0.0.1:{port}")
+        assert not list((tmp_path / "team").glob("*.log"))
 
 
 class TestCommandLine:
@@ -129,6 +143,23 @@ class TestCommandLine:
         assert proc.returncode == 2
         lines = proc.stderr.strip().splitlines()
         assert len(lines) == 1 and "--database-url and --redis-url" in lines[0], proc.stderr
+
+    @pytest.mark.parametrize(
+        ("flag", "value"),
+        [("--redis-url", "http://cache:6379"), ("--database-url", "sqlite:///prefect.db")],
+    )
+    def test_a_wrong_url_is_one_line_not_a_traceback(
+        self, tmp_path: Path, flag: str, value: str
+    ) -> None:
+        urls = {"--database-url": "postgresql://db/prefect", "--redis-url": "redis://cache/0"}
+        urls[flag] = value
+        args = [part for pair in urls.items() for part in pair]
+
+        proc = self.run("server", "start", "--team", *args, home=tmp_path)
+
+        assert proc.returncode == 2
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and flag in lines[0], proc.stderr
 
     def test_an_impossible_port_is_a_usage_error(self, tmp_path: Path) -> None:
         proc = self.run(
@@ -150,10 +181,12 @@ class TestCommandLine:
 class TestLoadBalancer:
     def test_nginx_spreads_over_the_replicas_and_passes_websockets(self, tmp_path: Path) -> None:
         text = nginx_config(tmp_path, host="0.0.0.0", port=4200, replica_ports=[5001, 5002])
+        ipv6 = nginx_config(tmp_path, host="::", port=4200, replica_ports=[5001])
 
         assert "server 127.0.0.1:5001 max_fails=1" in text
         assert "server 127.0.0.1:5002 max_fails=1" in text
-        assert "listen 0.0.0.0:4200" in text
+        assert "listen 0.0.0.0:4200;" in text
+        assert "listen [::]:4200;" in ipv6
         assert "proxy_set_header Upgrade $http_upgrade;" in text
         assert "proxy_next_upstream error timeout http_502 http_503 http_504;" in text
         assert "client_body_buffer_size 64m;" in text  # never a temp file nginx cannot write

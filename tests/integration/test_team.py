@@ -322,11 +322,18 @@ class TestFaults:
         goal_id = goal_run_id(team, marker)
         run_name = team.flow_run(goal_id)["name"]
         checkpoint = f"claudecluster-attempts/claudecluster/{run_name}/{victim}/1"
-        # Its work so far reached the origin (a checkpoint after its second turn).
+        # Its work so far reached the origin (a checkpoint after its second turn: the first
+        # one, before its Write ran, holds only what it had spent).
+
+        def file_checkpointed() -> bool:
+            if not team.origin_branches(checkpoint):
+                return False
+            return f"{victim}.py" in git(team.origin, "ls-tree", "--name-only", checkpoint)
+
         wait_for(
-            lambda: team.origin_branches(checkpoint),
+            file_checkpointed,
             120,
-            lambda: f"no checkpoint {checkpoint}\n" + team.logs_tail(),
+            lambda: f"no checkpoint of {victim}.py on {checkpoint}\n" + team.logs_tail(),
         )
         victim_run = next(c for c in team.children(goal_id) if c["name"].endswith(victim))
         where = team.machine_of(victim_run)

@@ -115,6 +115,7 @@ class TestTopology:
         assert len(children) == len(names)
         where = Counter(team.machine_of(c) for c in children)
         assert set(where) == {m.name for m in team.machines}, where
+        print(f"\n[figures] 9 tasks over the machines: {sorted(where.values())}")
         for machine in team.machines:
             clones = list((machine.disk() / "claudecluster").rglob("*.git"))
             worktrees = list((machine.disk() / "claudecluster").rglob(f"{report['run_id']}"))

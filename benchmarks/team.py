@@ -42,7 +42,7 @@ sys.path.insert(0, str(ROOT))
 from claudecluster.prefect_server import ensure_server, stop_server  # noqa: E402
 from claudecluster.testing import ScriptedModelServer  # noqa: E402
 from tests.integration.test_team import file_plan, file_task_script  # noqa: E402
-from tests.team import POOL, Team, team_topology  # noqa: E402
+from tests.team import AUTH_HEADER, POOL, Team, team_topology  # noqa: E402
 
 _TICK = os.sysconf("SC_CLK_TCK")
 
@@ -88,7 +88,8 @@ def _api(api_url: str, method: str, path: str, body: Any = None) -> Any:
         api_url + path,
         data=None if body is None else json.dumps(body).encode(),
         method=method,
-        headers={"Content-Type": "application/json"},
+        # The team server wants it (tests/team.py starts it with one); the embedded one ignores it.
+        headers={"Content-Type": "application/json", "Authorization": AUTH_HEADER},
     )
     with opener.open(request, timeout=60) as response:
         raw = response.read()

@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 import os
@@ -46,6 +47,9 @@ ROOT = Path(__file__).resolve().parents[1]
 POOL = "claudecluster-process"
 GOAL_DEPLOYMENT = "claudecluster-goal/goal"
 _OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+# The API is on the network: everyone needs the auth string, as the README says.
+AUTH_STRING = "team:not-a-real-secret"
+AUTH_HEADER = "Basic " + base64.b64encode(AUTH_STRING.encode()).decode()
 # Inside every machine: its own disk (a tmpfs over /tmp) and the folder the worker runs in.
 MACHINE_ROOT = "/tmp/machine"
 
@@ -181,7 +185,7 @@ class Team:
             self.api_url + path,
             data=data,
             method=method,
-            headers={"Content-Type": "application/json"},
+            headers={"Content-Type": "application/json", "Authorization": AUTH_HEADER},
         )
         for attempt in range(10):
             try:
@@ -330,11 +334,16 @@ def team_topology(root: Path, *, machines: int = 3, worker_limit: int = 6) -> It
             "CLAUDECLUSTER_HOME": str(home),
             "PREFECT_HOME": str(home / "client"),
             "PREFECT_API_URL": api_url,
+            "PREFECT_API_AUTH_STRING": AUTH_STRING,
             "PREFECT_WORKER_QUERY_SECONDS": "1",
             "PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL": "WARNING",
             "PYTHONUNBUFFERED": "1",
         }
-        server_env = {**base_env, "CLAUDECLUSTER_HOME": str(home)}
+        server_env = {
+            **base_env,
+            "CLAUDECLUSTER_HOME": str(home),
+            "PREFECT_SERVER_API_AUTH_STRING": AUTH_STRING,
+        }
         stack.callback(
             lambda: subprocess.run(
                 [sys.executable, "-m", "claudecluster.cli", "server", "stop", "--team"],
@@ -387,6 +396,7 @@ def team_topology(root: Path, *, machines: int = 3, worker_limit: int = 6) -> It
                 "CLAUDECLUSTER_HOME": f"{MACHINE_ROOT}/claudecluster",
                 "PREFECT_HOME": f"{MACHINE_ROOT}/prefect",
                 "PREFECT_API_URL": api_url,
+                "PREFECT_API_AUTH_STRING": AUTH_STRING,
                 "PREFECT_WORKER_QUERY_SECONDS": "1",
                 "PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL": "INFO",
                 "PYTHONUNBUFFERED": "1",

@@ -136,6 +136,17 @@ class TestTopology:
         assert len(lines) == 1 and "workers on other hosts" in lines[0], proc.stderr
         assert len(team.model.requests) == requests
 
+    def test_the_api_wants_the_auth_string(self, team: Team) -> None:
+        import urllib.error
+        import urllib.request
+
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            opener.open(f"{team.api_url}/flow_runs/filter", data=b"{}", timeout=10)
+        assert refused.value.code == 401
+        with opener.open(f"{team.api_url}/health", timeout=10) as health:  # probes need none
+            assert health.read() == b"true"
+
     def test_a_big_request_passes_the_load_balancer(self, team: Team) -> None:
         """A 256-task goal's parameters (~100 KB) once met nginx's body temp file, which its
         workers could not write: 500 Internal Server Error. 300 KB must pass."""

@@ -313,7 +313,7 @@ class TestFaults:
                         latency_s=0.5,
                     ),
                     tool_use("Read", {"file_path": f"{victim}.py"}, latency_s=0.5),
-                    text("Done.", latency_s=25.0),
+                    text("Done.", latency_s=60.0),
                 ],
             )
         )
@@ -347,6 +347,16 @@ class TestFaults:
             120,
             lambda: f"no checkpoint of {victim}.py on {checkpoint}\n" + team.logs_tail(),
         )
+        # The other two finish first: finished work must not be paid again, wherever it ran.
+        for name in names[1:]:
+            wait_for(
+                lambda name=name: any(
+                    c["name"].endswith(name) and c["state_type"] == "COMPLETED"
+                    for c in team.children(goal_id)
+                ),
+                120,
+                lambda: "the other tasks did not finish\n" + team.logs_tail(),
+            )
         victim_run = next(c for c in team.children(goal_id) if c["name"].endswith(victim))
         where = team.machine_of(victim_run)
         machine = next(m for m in team.machines if m.name == where)

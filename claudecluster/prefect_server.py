@@ -64,9 +64,11 @@ from claudecluster.errors import ConfigError, ServerError
 from claudecluster.workspace import claudecluster_home, home_path
 
 __all__ = [
+    "QUIET_SERVER_ENV",
     "ServerInfo",
     "ensure_server",
     "flow_run_url",
+    "server_base_env",
     "server_status",
     "stop_server",
     "use_ephemeral",
@@ -427,14 +429,32 @@ def _managed_info(state: _ServerState, home: Path, *, started_now: bool) -> Serv
     )
 
 
-def _server_env(home: Path, port: int) -> dict[str, str]:
-    # Drop the caller's client-side and profile settings (an API URL, a profile, another
-    # PREFECT_HOME) so they cannot redirect the server; PREFECT_SERVER_* tuning passes.
-    env = {
+# Every server process ClaudeCluster starts: no analytics, and a log file, not a terminal
+# (no colours, no wrapping, never prompt).
+QUIET_SERVER_ENV = {
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "PREFECT_SERVER_UI_SHOW_PROMOTIONAL_CONTENT": "false",
+    "DO_NOT_TRACK": "1",
+    "PREFECT_CLI_COLORS": "false",
+    "PREFECT_CLI_WRAP_LINES": "false",
+    "PREFECT_CLI_PROMPT": "false",
+    "PYTHONUNBUFFERED": "1",
+}
+
+
+def server_base_env() -> dict[str, str]:
+    """This process's environment for a server process: without the caller's client-side and
+    profile settings (an API URL, a profile, another PREFECT_HOME), which could redirect it;
+    PREFECT_SERVER_* tuning passes."""
+    return {
         key: value
         for key, value in os.environ.items()
         if not key.startswith("PREFECT_") or key.startswith("PREFECT_SERVER_")
     }
+
+
+def _server_env(home: Path, port: int) -> dict[str, str]:
+    env = server_base_env()
     api_url = f"http://{LOOPBACK_HOST}:{port}/api"
     for key in ("PREFECT_SERVER_API_BASE_PATH", "PREFECT_SERVER_UI_SERVE_BASE"):
         env.pop(key, None)  # our URLs assume the API at /api and the UI at /
@@ -444,14 +464,7 @@ def _server_env(home: Path, port: int) -> dict[str, str]:
             "PREFECT_SERVER_API_HOST": LOOPBACK_HOST,
             "PREFECT_SERVER_API_PORT": str(port),
             "PREFECT_SERVER_UI_API_URL": api_url,
-            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-            "PREFECT_SERVER_UI_SHOW_PROMOTIONAL_CONTENT": "false",
-            "DO_NOT_TRACK": "1",
-            # A log file, not a terminal: no colours, no wrapping, never prompt.
-            "PREFECT_CLI_COLORS": "false",
-            "PREFECT_CLI_WRAP_LINES": "false",
-            "PREFECT_CLI_PROMPT": "false",
-            "PYTHONUNBUFFERED": "1",
+            **QUIET_SERVER_ENV,
         }
     )
     return env

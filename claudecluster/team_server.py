@@ -38,11 +38,13 @@ from pydantic import Field, ValidationError
 from claudecluster.errors import ConfigError, ServerError
 from claudecluster.models import StrictModel
 from claudecluster.prefect_server import (
+    QUIET_SERVER_ENV,
     _command_line,
     _pid_alive,
     _private_opener,
     _probe,
     _terminate,
+    server_base_env,
 )
 from claudecluster.workspace import claudecluster_home
 
@@ -131,11 +133,7 @@ def team_server_env(config: TeamServerConfig, prefect_home: Path) -> dict[str, s
             hint="Pass redis://HOST:6379/0",
         )
     public = (config.public_url or f"http://{socket.getfqdn()}:{config.port}").rstrip("/")
-    env = {
-        key: value
-        for key, value in os.environ.items()
-        if not key.startswith("PREFECT_") or key.startswith("PREFECT_SERVER_")
-    }
+    env = server_base_env()
     env.update(
         {
             "PREFECT_HOME": str(prefect_home),
@@ -146,14 +144,8 @@ def team_server_env(config: TeamServerConfig, prefect_home: Path) -> dict[str, s
             "PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE": "prefect_redis.lease_storage",
             "PREFECT_REDIS_MESSAGING_URL": config.redis_url,
             "PREFECT_SERVER_DOCKET_URL": config.redis_url,
-            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-            "PREFECT_SERVER_UI_SHOW_PROMOTIONAL_CONTENT": "false",
             "PREFECT_UI_API_URL": f"{public}/api",
-            "DO_NOT_TRACK": "1",
-            "PREFECT_CLI_COLORS": "false",
-            "PREFECT_CLI_WRAP_LINES": "false",
-            "PREFECT_CLI_PROMPT": "false",
-            "PYTHONUNBUFFERED": "1",
+            **QUIET_SERVER_ENV,
         }
     )
     return env

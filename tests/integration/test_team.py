@@ -209,30 +209,30 @@ def wait_running_children(team: Team, goal_id: str, count: int) -> list[dict[str
     return children
 
 
+def start_file_goal(
+    team: Team, tmp_path: Path, marker: str, names: list[str], *, parallel: int = 4
+) -> tuple[threading.Thread, dict[str, Any], str]:
+    """``claudecluster run`` of one file task per name (two 3 s turns each) in the background,
+    against the team's git URL on the process pool; returns once a task runs."""
+    for name in names:
+        team.model.add_script(file_task_script(marker, name, turn_s=3.0))
+    plan = write_plan(tmp_path / "plan.yaml", file_plan(marker, names, goal=marker))
+    thread, out = run_in_background(
+        team, "run", "--plan", str(plan), "--repo", team.repo_url, "--pool", POOL,
+        "--max-parallel", str(parallel), "--json",
+    )  # fmt: skip
+    goal_id = goal_run_id(team, marker)
+    wait_running_children(team, goal_id, 1)
+    assert team.flow_run(goal_id)["state_type"] == "RUNNING"
+    return thread, out, goal_id
+
+
 class TestFaults:
     def test_run_completes_through_the_other_replica(
         self, team: Team, tmp_path: Path, marker: str
     ) -> None:
         names = [f"{marker.lower()[-6:]}r{i}" for i in range(6)]
-        for name in names:
-            team.model.add_script(file_task_script(marker, name, turn_s=3.0))
-        plan = write_plan(tmp_path / "plan.yaml", file_plan(marker, names, goal=marker))
-        thread, out = run_in_background(
-            team,
-            "run",
-            "--plan",
-            str(plan),
-            "--repo",
-            team.repo_url,
-            "--pool",
-            POOL,
-            "--max-parallel",
-            "4",
-            "--json",
-        )
-        goal_id = goal_run_id(team, marker)
-        wait_running_children(team, goal_id, 1)
-        assert team.flow_run(goal_id)["state_type"] == "RUNNING"
+        thread, out, _ = start_file_goal(team, tmp_path, marker, names)
         with replica_killed(team, 0):
             killed_at = time.monotonic()
             thread.join(600)
@@ -251,25 +251,7 @@ class TestFaults:
 
     def test_postgres_restart_mid_run(self, team: Team, tmp_path: Path, marker: str) -> None:
         names = [f"{marker.lower()[-6:]}p{i}" for i in range(6)]
-        for name in names:
-            team.model.add_script(file_task_script(marker, name, turn_s=3.0))
-        plan = write_plan(tmp_path / "plan.yaml", file_plan(marker, names, goal=marker))
-        thread, out = run_in_background(
-            team,
-            "run",
-            "--plan",
-            str(plan),
-            "--repo",
-            team.repo_url,
-            "--pool",
-            POOL,
-            "--max-parallel",
-            "4",
-            "--json",
-        )
-        goal_id = goal_run_id(team, marker)
-        wait_running_children(team, goal_id, 1)
-        assert team.flow_run(goal_id)["state_type"] == "RUNNING"
+        thread, out, _ = start_file_goal(team, tmp_path, marker, names)
         team.postgres.restart()
         thread.join(600)
         proc = out["proc"]

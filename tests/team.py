@@ -4,9 +4,9 @@
   server (``claudecluster server start --team``: two API replicas and the services behind
   nginx) listening on a bridge, the repository served by ``git daemon`` on the bridge, and
   the scripted model server on the bridge (standing in for the Anthropic API).
-- **Worker machines**: each a network namespace on that bridge with a mount namespace whose
-  ``/tmp`` is a private tmpfs (its disk: the driver's and the other machines' temporary
-  folders, where every test keeps its files, are invisible to it). A long-lived anchor
+- **Worker machines**: each a network namespace on that bridge with a mount namespace where a
+  private tmpfs covers the folder holding every test's files (its disk: the driver's and the
+  other machines' files are invisible to it; the software is not hidden). A long-lived anchor
   process holds both namespaces, as the machine's kernel would: killing the machine's
   processes leaves its disk. Each runs ``prefect worker start`` for the process pool with
   its own HOME, CLAUDECLUSTER_HOME, PREFECT_HOME and result storage, and reaches the server
@@ -50,8 +50,6 @@ _OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 # The API is on the network: everyone needs the auth string, as the README says.
 AUTH_STRING = "team:not-a-real-secret"
 AUTH_HEADER = "Basic " + base64.b64encode(AUTH_STRING.encode()).decode()
-# Inside every machine: its own disk (a tmpfs over /tmp) and the folder the worker runs in.
-MACHINE_ROOT = "/tmp/machine"
 
 
 def team_topology_missing() -> str | None:
@@ -88,6 +86,7 @@ class Machine:
     address: str
     anchor: subprocess.Popen[bytes]
     log: Path
+    root: str = ""  # its disk: a tmpfs over the folder holding every test's files
     worker: subprocess.Popen[bytes] | None = None
     env: dict[str, str] = field(default_factory=dict)
 
@@ -101,29 +100,26 @@ class Machine:
             *command,
         ]
 
-    def disk(self, path: str = MACHINE_ROOT) -> Path:
-        """Where this machine's ``path`` is seen from the host (through the anchor)."""
-        return Path(f"/proc/{self.anchor.pid}/root") / path.lstrip("/")
+    def disk(self, path: str | None = None) -> Path:
+        """Where this machine's ``path`` (default: its disk) is seen from the host."""
+        return Path(f"/proc/{self.anchor.pid}/root") / (path or self.root).lstrip("/")
 
     def start_worker(self, *, limit: int) -> None:
         """``prefect worker start`` for the process pool, as this machine's operator would."""
-        script = (
-            f"mkdir -p {MACHINE_ROOT}/home {MACHINE_ROOT}/tmp && cd {MACHINE_ROOT} && exec "
-            + " ".join(
-                [
-                    sys.executable,
-                    "-m",
-                    "prefect",
-                    "worker",
-                    "start",
-                    "--pool",
-                    POOL,
-                    "--name",
-                    self.name,
-                    "--limit",
-                    str(limit),
-                ]
-            )
+        script = f"mkdir -p {self.root}/home {self.root}/tmp && cd {self.root} && exec " + " ".join(
+            [
+                sys.executable,
+                "-m",
+                "prefect",
+                "worker",
+                "start",
+                "--pool",
+                POOL,
+                "--name",
+                self.name,
+                "--limit",
+                str(limit),
+            ]
         )
         with open(self.log, "ab") as log:
             self.worker = subprocess.Popen(
@@ -391,10 +387,10 @@ def team_topology(root: Path, *, machines: int = 3, worker_limit: int = 6) -> It
             machine.env = {
                 **base_env,
                 **model.env(max_retries=2),
-                "HOME": f"{MACHINE_ROOT}/home",
-                "TMPDIR": f"{MACHINE_ROOT}/tmp",
-                "CLAUDECLUSTER_HOME": f"{MACHINE_ROOT}/claudecluster",
-                "PREFECT_HOME": f"{MACHINE_ROOT}/prefect",
+                "HOME": f"{machine.root}/home",
+                "TMPDIR": f"{machine.root}/tmp",
+                "CLAUDECLUSTER_HOME": f"{machine.root}/claudecluster",
+                "PREFECT_HOME": f"{machine.root}/prefect",
                 "PREFECT_API_URL": api_url,
                 "PREFECT_API_AUTH_STRING": AUTH_STRING,
                 "PREFECT_WORKER_QUERY_SECONDS": "1",
@@ -438,8 +434,13 @@ def _machine(
     _ip("-n", netns, "addr", "add", f"{subnet}.{host}/24", "dev", "eth0")
     _ip("-n", netns, "link", "set", "eth0", "up")
     _ip("-n", netns, "link", "set", "lo", "up")
-    # The machine's disk: a private tmpfs over /tmp in a mount namespace of its own.
-    disk = f"mount -t tmpfs -o size=4g tmpfs /tmp && mkdir -p {MACHINE_ROOT}"
+    # The machine's disk: a private tmpfs, in a mount namespace of its own, over the folder
+    # that holds every test's files (the driver's home, the origin, the other machines'):
+    # it sees none of them. The software (the checkout, the virtualenv) stays visible, as an
+    # installed package would be, wherever it lives (even under /tmp, as in CI).
+    hidden = str(root.parent)
+    machine_root = f"{hidden}/{name}-disk"
+    disk = f"mount -t tmpfs -o size=4g tmpfs {hidden} && mkdir -p {machine_root}"
     anchor = subprocess.Popen(
         [
             "ip",
@@ -458,7 +459,9 @@ def _machine(
         start_new_session=True,
     )
     stack.callback(lambda: (anchor.kill(), anchor.wait(10)))
-    machine = Machine(name, netns, f"{subnet}.{host}", anchor, root / f"{name}.log")
+    machine = Machine(
+        name, netns, f"{subnet}.{host}", anchor, root / f"{name}.log", root=machine_root
+    )
     machine.log.touch()
     wait_for(lambda: machine.disk().is_dir(), 20, lambda: f"{name}: its disk did not appear")
     return machine

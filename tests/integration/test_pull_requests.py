@@ -584,6 +584,7 @@ class TestReviewFlow:
         worktree_root: Path,
     ) -> None:
         from prefect.client.orchestration import get_client
+        from prefect.client.schemas.sorting import ArtifactSort
 
         from claudecluster.flows.review import review_flow
 
@@ -622,7 +623,9 @@ class TestReviewFlow:
         assert REVIEW_MARKER in sticky.body and f"{marker} second look." in sticky.body
         assert "review of pull request #1" in sticky.body
         with get_client(sync_client=True) as client:
-            artifact = client.read_latest_artifacts()
+            # The newest by creation: "latest per key" pages by id, which hides new ones once
+            # the session's server holds many keys.
+            artifact = client.read_artifacts(sort=ArtifactSort.CREATED_DESC, limit=50)
         assert any(f"{marker} second look." in str(a.data) for a in artifact)
 
 

@@ -87,6 +87,9 @@ _WARM_HEALTH_TIMEOUT_S = 2.0
 # Under the lock we are about to kill and replace the server, so give a busy one longer.
 _CONFIRM_HEALTH_TIMEOUT_S = 5.0
 _EXTERNAL_HEALTH_TIMEOUT_S = 5.0
+# How long a "try again" answer (502/503/504) from a server that is not ours is waited out.
+_EXTERNAL_RETRY_WINDOW_S = 20.0
+_RETRY_LATER = frozenset({502, 503, 504})
 _POLL_INTERVAL_S = 0.2
 # uvicorn finishes in-flight requests on SIGTERM; ~2 s here, so 10 s is generous.
 _STOP_GRACE_S = 10.0
@@ -338,6 +341,24 @@ def _probe(
         return None, str(reason)
 
 
+def _probe_external(url: str, *, headers: Mapping[str, str]) -> tuple[int | None, str]:
+    """Probe a server that is not ours, waiting out a passing 502/503/504.
+
+    Those say "try again" (a load balancer between replicas, a database restarting), and
+    Prefect's own client retries them too (``PREFECT_CLIENT_MAX_RETRIES``): a run started
+    the moment a database comes back should not fail on its first probe. Anything else,
+    including no answer at all, is reported at once.
+    """
+    deadline = time.monotonic() + _EXTERNAL_RETRY_WINDOW_S
+    delay = 0.5
+    while True:
+        status, detail = _probe(url, _EXTERNAL_HEALTH_TIMEOUT_S, direct=False, headers=headers)
+        if status not in _RETRY_LATER or time.monotonic() + delay > deadline:
+            return status, detail
+        time.sleep(delay)
+        delay = min(delay * 2, 4.0)
+
+
 def _local_healthy(api_url: str, timeout_s: float) -> bool:
     status, body = _probe(f"{api_url}/health", timeout_s, direct=True)
     return status == 200 and body.strip() == "true"
@@ -378,12 +399,7 @@ def _external_server(api_url: str, home: Path | None) -> ServerInfo:
             hint="Set it to your server's API, e.g. http://127.0.0.1:4200/api, "
             "or unset it to use the embedded server.",
         )
-    status, detail = _probe(
-        f"{api_url}/health",
-        _EXTERNAL_HEALTH_TIMEOUT_S,
-        direct=False,
-        headers=_auth_headers(os.environ),
-    )
+    status, detail = _probe_external(f"{api_url}/health", headers=_auth_headers(os.environ))
     unset_hint = "or unset PREFECT_API_URL to use ClaudeCluster's embedded server"
     if status is None:
         raise ServerError(

@@ -248,13 +248,17 @@ def _wait_healthy(url: str, process: subprocess.Popen[bytes], log_file: Path) ->
 def nginx_config(team_home: Path, *, host: str, port: int, replica_ports: list[int]) -> str:
     """nginx's configuration: one upstream of the replicas, websockets passed through.
 
-    A replica that refuses a connection or answers 502/503/504 is skipped for the request
-    and out of rotation for 10 s; long timeouts because Prefect's event and log websockets
-    stay open for a run's length.
+    A replica that refuses or drops a connection is skipped for the request. None is ever
+    taken out of rotation (``max_fails=0``): when the database blips, every replica fails
+    the same requests at once, and marking them all down would answer 502 "no live
+    upstreams" for a while after the database is back; a dead replica on loopback costs a
+    refused connect, microseconds. A 503 (Prefect's "database unavailable, retry") goes back
+    to the client, which retries: the other replica shares the database. Idle connections
+    close before the replicas' own 5 s keep-alive does, so nginx never reuses one a replica
+    is closing. Long timeouts because Prefect's event and log websockets stay open for a
+    run's length.
     """
-    servers = "\n".join(
-        f"        server 127.0.0.1:{p} max_fails=1 fail_timeout=10s;" for p in replica_ports
-    )
+    servers = "\n".join(f"        server 127.0.0.1:{p} max_fails=0;" for p in replica_ports)
     temp = team_home / "nginx-temp"
     listen = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     return f"""# Written by claudecluster server start --team; rewritten at every start.
@@ -278,6 +282,7 @@ http {{
     upstream prefect_api {{
 {servers}
         keepalive 64;
+        keepalive_timeout 4s;
     }}
     server {{
         listen {listen};
@@ -287,7 +292,7 @@ http {{
             proxy_set_header Host $host;
             proxy_set_header Upgrade $http_upgrade;
             proxy_set_header Connection $connection_upgrade;
-            proxy_next_upstream error timeout http_502 http_503 http_504;
+            proxy_next_upstream error timeout http_502 http_504;
             proxy_next_upstream_tries 0;
             proxy_connect_timeout 2s;
             proxy_read_timeout 3600s;

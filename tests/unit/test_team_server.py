@@ -3,24 +3,29 @@
 The topology itself (PostgreSQL, Redis, replicas, nginx, worker machines) runs in
 ``tests/integration/test_team.py``; these check what can be checked without it: the
 settings every process gets, one-line errors for bad input before anything starts, nginx's
-configuration, checkpoints of a worktree, and reading lost attempts back.
+configuration, a client waiting out a passing 503 behind the balancer, checkpoints of a
+worktree, and reading lost attempts back.
 """
 
 from __future__ import annotations
 
+import http.server
 import importlib.util
+import os
 import shutil
 import socket
 import subprocess
 import sys
+import threading
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
 import git
 import pytest
 
-from claudecluster import gitops
-from claudecluster.errors import ConfigError
+from claudecluster import gitops, prefect_server
+from claudecluster.errors import ConfigError, ServerError
 from claudecluster.team_server import (
     TeamServerConfig,
     nginx_config,
@@ -183,12 +188,13 @@ class TestLoadBalancer:
         text = nginx_config(tmp_path, host="0.0.0.0", port=4200, replica_ports=[5001, 5002])
         ipv6 = nginx_config(tmp_path, host="::", port=4200, replica_ports=[5001])
 
-        assert "server 127.0.0.1:5001 max_fails=1" in text
-        assert "server 127.0.0.1:5002 max_fails=1" in text
+        assert "server 127.0.0.1:5001 max_fails=0;" in text
+        assert "server 127.0.0.1:5002 max_fails=0;" in text
         assert "listen 0.0.0.0:4200;" in text
         assert "listen [::]:4200;" in ipv6
         assert "proxy_set_header Upgrade $http_upgrade;" in text
-        assert "proxy_next_upstream error timeout http_502 http_503 http_504;" in text
+        assert "proxy_next_upstream error timeout http_502 http_504;" in text
+        assert "keepalive_timeout 4s;" in text
         assert "client_body_buffer_size 64m;" in text  # never a temp file nginx cannot write
 
     @pytest.mark.skipif(
@@ -263,3 +269,65 @@ class TestCheckpoints:
         ]
         assert found[0].branch == "claudecluster-attempts/claudecluster/run-1/docs/1"
         assert found[0].started_at == started
+
+
+class _Answers(http.server.BaseHTTPRequestHandler):
+    """A server that answers /api/health with the next status in ``statuses``, then 200."""
+
+    statuses: list[int] = []
+    seen: list[int] = []
+
+    def do_GET(self) -> None:
+        status = self.statuses.pop(0) if self.statuses else 200
+        self.seen.append(status)
+        body = b"true" if status == 200 else b"busy"
+        self.send_response(status)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def answering(monkeypatch: pytest.MonkeyPatch) -> Iterator[type[_Answers]]:
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Answers)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    monkeypatch.setenv("PREFECT_API_URL", f"http://127.0.0.1:{server.server_address[1]}/api")
+    _Answers.statuses, _Answers.seen = [], []
+    yield _Answers
+    server.shutdown()
+
+
+class TestExternalServerHealth:
+    """A server behind a balancer may say "try again" for a moment (a database restarting)."""
+
+    def test_a_passing_503_or_502_is_waited_out(self, answering: type[_Answers]) -> None:
+        answering.statuses = [503, 502, 504]
+
+        info = prefect_server.ensure_server()
+
+        assert answering.seen == [503, 502, 504, 200]
+        assert info.api_url == os.environ["PREFECT_API_URL"]
+
+    def test_a_lasting_503_is_one_line_after_the_window(
+        self, answering: type[_Answers], monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        monkeypatch.setattr(prefect_server, "_EXTERNAL_RETRY_WINDOW_S", 1.0)
+        answering.statuses = [503] * 50
+
+        with pytest.raises(ServerError, match=r"is unhealthy \(HTTP 503") as caught:
+            prefect_server.ensure_server()
+
+        assert 2 <= len(answering.seen) <= 4
+        assert "\n" not in caught.value.one_line()
+
+    def test_a_500_is_not_retried(self, answering: type[_Answers]) -> None:
+        answering.statuses = [500, 500]
+
+        with pytest.raises(ServerError, match=r"is unhealthy \(HTTP 500"):
+            prefect_server.ensure_server()
+
+        assert answering.seen == [500]

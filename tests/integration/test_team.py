@@ -172,8 +172,17 @@ def run_in_background(team: Team, *args: str) -> tuple[threading.Thread, dict[st
     return thread, out
 
 
-def goal_run_id(team: Team, marker: str) -> str:
-    """The goal flow run of the run whose goal is ``marker`` (once it exists)."""
+def goal_run_id(team: Team, marker: str, out: dict[str, Any] | None = None) -> str:
+    """The goal flow run of the run whose goal is ``marker`` (once it exists).
+
+    ``out`` is a :func:`run_in_background` result: if that command ended without starting
+    a goal, the failure says what it printed.
+    """
+
+    def describe() -> str:
+        proc = (out or {}).get("proc")
+        ended = f"; the command ended ({proc.returncode}): {proc.stderr[-2000:]}" if proc else ""
+        return f"no goal run for {marker}{ended}"
 
     def find() -> str | None:
         runs = team.api(
@@ -184,7 +193,7 @@ def goal_run_id(team: Team, marker: str) -> str:
         goals = [r for r in runs if r["parent_task_run_id"] is None]
         return str(goals[0]["id"]) if goals else None
 
-    found: str = wait_for(find, 120, lambda: f"no goal run for {marker}", every=0.5)
+    found: str = wait_for(find, 120, describe, every=0.5)
     return found
 
 
@@ -221,7 +230,7 @@ def start_file_goal(
         team, "run", "--plan", str(plan), "--repo", team.repo_url, "--pool", POOL,
         "--max-parallel", str(parallel), "--json",
     )  # fmt: skip
-    goal_id = goal_run_id(team, marker)
+    goal_id = goal_run_id(team, marker, out)
     wait_running_children(team, goal_id, 1)
     assert team.flow_run(goal_id)["state_type"] == "RUNNING"
     return thread, out, goal_id
@@ -313,7 +322,7 @@ class TestFaults:
             "3",
             "--json",
         )
-        goal_id = goal_run_id(team, marker)
+        goal_id = goal_run_id(team, marker, out)
         run_name = team.flow_run(goal_id)["name"]
         checkpoint = f"claudecluster-attempts/claudecluster/{run_name}/{victim}/1"
         # Its work so far reached the origin (a checkpoint after its second turn: the first

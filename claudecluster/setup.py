@@ -22,6 +22,11 @@ from claudecluster.lost_workers import HEARTBEAT_ENV, ensure_automation
 from claudecluster.models import StrictModel
 from claudecluster.pools import SHARES_DISK_VAR
 
+# A team server has an auth string, and Prefect 3.9's auth middleware turns the database
+# errors it would answer with a retryable 503 into a 500: the pool's flow runs retry those too,
+# or a database restart fails whatever task was talking to the server at that moment.
+TEAM_CLIENT_ENV = {"PREFECT_CLIENT_RETRY_EXTRA_CODES": "500"}
+
 PROCESS_POOL = "claudecluster-process"
 DOCKER_POOL = "claudecluster-docker"
 KUBERNETES_POOL = "claudecluster-kubernetes"
@@ -215,7 +220,7 @@ def setup(
         drop: tuple[str, ...] = ()
         if worker_type == "process" and team:
             # Workers on other hosts: results stay on each host, repositories go by URL.
-            overrides["env"] = {SHARES_DISK_VAR: "false"}
+            overrides["env"] = {SHARES_DISK_VAR: "false", **TEAM_CLIENT_ENV}
             if result_storage:
                 overrides["env"].update(result_storage_env(result_storage))
             drop = ("PREFECT_LOCAL_STORAGE_PATH",)

@@ -331,6 +331,7 @@ def team_topology(root: Path, *, machines: int = 3, worker_limit: int = 6) -> It
             "PREFECT_HOME": str(home / "client"),
             "PREFECT_API_URL": api_url,
             "PREFECT_API_AUTH_STRING": AUTH_STRING,
+            "PREFECT_CLIENT_RETRY_EXTRA_CODES": "500",  # as the README says
             "PREFECT_WORKER_QUERY_SECONDS": "1",
             "PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL": "WARNING",
             "PYTHONUNBUFFERED": "1",
@@ -393,6 +394,7 @@ def team_topology(root: Path, *, machines: int = 3, worker_limit: int = 6) -> It
                 "PREFECT_HOME": f"{machine.root}/prefect",
                 "PREFECT_API_URL": api_url,
                 "PREFECT_API_AUTH_STRING": AUTH_STRING,
+                "PREFECT_CLIENT_RETRY_EXTRA_CODES": "500",
                 "PREFECT_WORKER_QUERY_SECONDS": "1",
                 "PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL": "INFO",
                 "PYTHONUNBUFFERED": "1",

@@ -136,6 +136,17 @@ class TestTopology:
         assert len(lines) == 1 and "workers on other hosts" in lines[0], proc.stderr
         assert len(team.model.requests) == requests
 
+    def test_the_pool_is_set_up_for_other_hosts(self, team: Team) -> None:
+        from claudecluster.pools import SHARES_DISK_VAR
+        from claudecluster.setup import TEAM_CLIENT_ENV
+
+        pool = team.api("GET", f"/work_pools/{POOL}")
+        env = pool["base_job_template"]["variables"]["properties"]["env"]["default"]
+        assert env[SHARES_DISK_VAR] == "false"
+        # A database restart behind the auth string answers 500: the flow runs retry it.
+        assert TEAM_CLIENT_ENV.items() <= env.items()
+        assert "PREFECT_LOCAL_STORAGE_PATH" not in env
+
     def test_the_api_wants_the_auth_string(self, team: Team) -> None:
         import urllib.error
         import urllib.request

@@ -19,7 +19,7 @@ from prefect.artifacts import (
 
 from claudecluster.gitops import cap_text
 from claudecluster.models import RunReport, TaskResult
-from claudecluster.naming import artifact_key
+from claudecluster.naming import REPORT_ARTIFACT_TYPE, artifact_key
 from claudecluster.plan import Plan
 from claudecluster.redact import redact
 from claudecluster.summary import run_table_rows
@@ -187,7 +187,8 @@ def run_summary_markdown(report: RunReport, plan: Plan | None) -> str:
 
 
 def publish_run_artifacts(report: RunReport, plan: Plan | None, scope: str) -> None:
-    """Create the run-level table and summary artifacts in the current run context."""
+    """Create the run-level table, summary and report artifacts in the current run context."""
+    publish_report_artifact(report, scope)
     create_table_artifact(
         key=artifact_key(scope, "tasks"),
         table=run_table_rows(report) or [{"task": "-", "status": "no tasks ran"}],
@@ -205,3 +206,28 @@ def publish_plan_artifact(plan: Plan, scope: str) -> None:
     create_markdown_artifact(
         key=artifact_key(scope, "plan"), markdown=plan_markdown(plan), description="The plan"
     )
+
+
+def publish_report_artifact(report: RunReport, scope: str) -> None:
+    """The RunReport itself, as JSON, where anything that reads Prefect's API finds it.
+
+    An artifact of type :data:`REPORT_ARTIFACT_TYPE` on the goal's flow run whose ``data``
+    is the report (what ``claudecluster run --json`` prints): how the TypeScript SDK's
+    ``report()`` reads a run's outcome without any file of the host that ran it.
+    """
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import ArtifactCreate
+    from prefect.context import FlowRunContext
+
+    context = FlowRunContext.get()
+    flow_run = context.flow_run if context else None
+    with get_client(sync_client=True) as client:
+        client.create_artifact(
+            artifact=ArtifactCreate(
+                key=artifact_key(scope, "report"),
+                type=REPORT_ARTIFACT_TYPE,
+                description=f"RunReport of run {report.run_id} (JSON)",
+                data=report.model_dump(mode="json"),
+                flow_run_id=flow_run.id if flow_run else None,
+            )
+        )

@@ -28,7 +28,11 @@ PermissionPolicy = Literal["safe", "read-only", "container"]
 class StrictModel(BaseModel):
     """Base of ClaudeCluster's models: unknown fields are an error, not silently dropped."""
 
-    model_config = ConfigDict(extra="forbid", frozen=False)
+    # A field with a default is always present in what a model writes, so the JSON Schema of
+    # its output (the TypeScript SDK's types of a report) marks it required.
+    model_config = ConfigDict(
+        extra="forbid", frozen=False, json_schema_serialization_defaults_required=True
+    )
 
 
 class TaskKind(StrEnum):
@@ -506,6 +510,26 @@ class RunReport(StrictModel):
     trace_url: str | None = Field(
         default=None, description="The trace's page, from CLAUDECLUSTER_TRACE_URL's template."
     )
+
+
+EventKind = Literal["planning", "planned", "started", "finished", "integrating", "done"]
+
+
+class ProgressEvent(StrictModel):
+    """A snapshot of a run's progress, sent on every change (a Prefect event's payload)."""
+
+    run_id: str = Field(description="The run.")
+    kind: EventKind = Field(description="What just happened.")
+    total: int = Field(default=0, description="Tasks in the plan.")
+    planned: list[str] = Field(
+        default_factory=list, description="The plan's task ids, in the plan's order."
+    )
+    done: list[str] = Field(default_factory=list, description="Tasks that finished.")
+    running: list[str] = Field(default_factory=list, description="Tasks running now.")
+    failed: list[str] = Field(default_factory=list, description="Tasks that did not succeed.")
+    cost_usd: float = Field(default=0.0, description="Cost of the finished sessions so far.")
+    task: TaskResult | None = Field(default=None, description="The task that just finished.")
+    message: str = Field(default="", description="A line for humans.")
 
 
 class Dependency(StrictModel):

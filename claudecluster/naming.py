@@ -14,6 +14,10 @@ from __future__ import annotations
 import re
 
 TAG = "claudecluster"
+RUN_TAG_PREFIX = f"{TAG}-run:"
+"""A run's tag is this prefix and its run id; its task runs and child runs carry it too."""
+REPORT_ARTIFACT_TYPE = "claudecluster-run-report"
+"""The type of the artifact whose data is a goal run's RunReport (JSON)."""
 _SLUG_WORDS = 6
 _SLUG_CHARS = 40
 
@@ -27,7 +31,7 @@ def slug(text: str, *, words: int = _SLUG_WORDS, chars: int = _SLUG_CHARS) -> st
 def run_tags(run_id: str, *, goal: str | None = None, sweep: str | None = None) -> list[str]:
     """The tags of a goal's (or sweep's) flow run, its task runs and its child runs."""
     named = f"{TAG}-sweep:{slug(sweep)}" if sweep else f"{TAG}-goal:{slug(goal or '')}"
-    return [TAG, f"{TAG}-run:{run_id}", named]
+    return [TAG, f"{RUN_TAG_PREFIX}{run_id}", named]
 
 
 def artifact_scope(

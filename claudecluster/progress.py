@@ -1,9 +1,11 @@
-"""Run progress: a Prefect progress artifact, plus in-process listeners for the terminal.
+"""Run progress: a Prefect progress artifact, Prefect events, and in-process listeners.
 
 The goal flow reports every change (planned, task started, task finished, integrating,
-done) to a :class:`RunProgress`. It keeps the run's progress artifact up to date, and passes
-a :class:`ProgressEvent` to any listener registered with :func:`listen`, which is how the CLI
-draws its live display when the flow runs in the same process.
+done) to a :class:`RunProgress`. It keeps the run's progress artifact up to date, emits each
+:class:`ProgressEvent` as a Prefect event (``claudecluster.run.<kind>``, related to the goal's
+flow run, so the TypeScript SDK's ``watchRun`` and automations see it over Prefect's events
+websocket), and passes it to any listener registered with :func:`listen`, which is how the
+CLI draws its live display when the flow runs in the same process.
 
 The artifact is written by a background thread that only ever sends the latest figure: the
 dispatcher reports from its scheduling loop, and a write that waits on a busy server (the
@@ -18,35 +20,21 @@ import logging
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Literal
 from uuid import UUID
 
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
-from pydantic import Field
+from prefect.events import emit_event
 
-from claudecluster.models import StrictModel, TaskResult
+from claudecluster.models import EventKind, ProgressEvent, TaskResult
 from claudecluster.naming import artifact_key
 
-EventKind = Literal["planning", "planned", "started", "finished", "integrating", "done"]
-Listener = Callable[["ProgressEvent"], None]
+Listener = Callable[[ProgressEvent], None]
+# The prefix of the Prefect events a run emits: ``claudecluster.run.finished`` and so on.
+EVENT_PREFIX = "claudecluster.run."
 
 _listeners: list[Listener] = []
 _lock = threading.Lock()
 _log = logging.getLogger("claudecluster.progress")
-
-
-class ProgressEvent(StrictModel):
-    """A snapshot of a run's progress, sent to listeners on every change."""
-
-    run_id: str = Field(description="The run.")
-    kind: EventKind = Field(description="What just happened.")
-    total: int = Field(default=0, description="Tasks in the plan.")
-    done: list[str] = Field(default_factory=list, description="Tasks that finished.")
-    running: list[str] = Field(default_factory=list, description="Tasks running now.")
-    failed: list[str] = Field(default_factory=list, description="Tasks that did not succeed.")
-    cost_usd: float = Field(default=0.0, description="Cost of the finished sessions so far.")
-    task: TaskResult | None = Field(default=None, description="The task that just finished.")
-    message: str = Field(default="", description="A line for humans.")
 
 
 @contextmanager
@@ -64,10 +52,21 @@ def listen(callback: Listener) -> Iterator[None]:
 class RunProgress:
     """Tracks one run's progress and publishes it."""
 
-    def __init__(self, run_id: str, *, cost_usd: float = 0.0, scope: str | None = None) -> None:
+    def __init__(
+        self,
+        run_id: str,
+        *,
+        cost_usd: float = 0.0,
+        scope: str | None = None,
+        flow_run_id: str | None = None,
+        tags: list[str] | None = None,
+    ) -> None:
         self.run_id = run_id
+        self.flow_run_id = flow_run_id
+        self.tags = tags or []
         self.scope = scope or run_id
         self.total = 0
+        self.planned_ids: list[str] = []
         self.done: list[str] = []
         self.running: list[str] = []
         self.failed: list[str] = []
@@ -79,6 +78,7 @@ class RunProgress:
             run_id=self.run_id,
             kind=kind,
             total=self.total,
+            planned=list(self.planned_ids),
             done=list(self.done),
             running=list(self.running),
             failed=list(self.failed),
@@ -86,6 +86,7 @@ class RunProgress:
             task=task,
             message=message,
         )
+        self._emit_prefect_event(event)
         with _lock:
             listeners = list(_listeners)
         for listener in listeners:
@@ -93,6 +94,32 @@ class RunProgress:
                 listener(event)
             except Exception:  # a broken display must never break a run
                 _log.exception("progress listener failed")
+
+    def _emit_prefect_event(self, event: ProgressEvent) -> None:
+        related = [
+            {"prefect.resource.id": f"prefect.tag.{tag}", "prefect.resource.role": "tag"}
+            for tag in self.tags
+        ]
+        if self.flow_run_id:
+            related.append(
+                {
+                    "prefect.resource.id": f"prefect.flow-run.{self.flow_run_id}",
+                    "prefect.resource.role": "flow-run",
+                }
+            )
+        try:
+            emit_event(
+                event=f"{EVENT_PREFIX}{event.kind}",
+                resource={
+                    "prefect.resource.id": f"claudecluster.run.{self.run_id}",
+                    "prefect.resource.name": self.run_id,
+                },
+                related=related,
+                # The diff can be large and is in the task's artifact and the report.
+                payload=event.model_dump(mode="json", exclude={"task": {"diff"}}),
+            )
+        except Exception:  # progress is informative; the run goes on without it
+            _log.warning("could not emit the progress event", exc_info=True)
 
     def _publish(self) -> None:
         percent = 100.0 * len(self.done) / self.total if self.total else 0.0
@@ -104,9 +131,10 @@ class RunProgress:
         """The planner session started."""
         self._emit("planning", message="planning")
 
-    def planned(self, total: int) -> None:
+    def planned(self, task_ids: list[str]) -> None:
         """The plan is known."""
-        self.total = total
+        self.planned_ids = list(task_ids)
+        self.total = total = len(task_ids)
         self._publish()
         self._emit("planned", message=f"{total} tasks planned")
 

@@ -216,7 +216,9 @@ def _drive(
     goal, target, resolved = prepared.goal, prepared.target, prepared.settings
     root = default_worktree_root()
     host = SessionHost(slot=session_slot, env=resolved.env)
-    progress = RunProgress(run_id, scope=scope)
+    progress = RunProgress(
+        run_id, scope=scope, flow_run_id=identity.flow_run_id, tags=identity.tags
+    )
     planner_result: TaskResult | None = None
     plan = prepared.plan
     if plan is None:
@@ -248,7 +250,7 @@ def _drive(
         progress.cost_usd += planner_result.cost_usd
     plan.goal = plan.goal or goal
     publish_plan_artifact(plan, scope)
-    progress.planned(len(plan.tasks))
+    progress.planned([task.id for task in plan.tasks])
     logger.info("run %s: %d tasks from %s", run_id, len(plan.tasks), target.base_commit[:12])
 
     watch = current_watch()

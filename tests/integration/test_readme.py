@@ -135,6 +135,30 @@ def test_pull_requests_as_written(tmp_path: Path) -> None:
     assert "Answer the review of inventory/pricing.py" in log
 
 
+def test_typescript_as_written(tmp_path: Path) -> None:
+    """The "TypeScript" walkthrough: the demo goal submitted and watched from Node."""
+    if not (shutil.which("node") and shutil.which("npm")):
+        if os.environ.get("CLAUDECLUSTER_REQUIRE_NODE") == "1":
+            pytest.fail("the TypeScript walkthrough needs Node and npm")
+        pytest.skip("the TypeScript walkthrough needs Node 20 or newer and npm")
+    text = (ROOT / "README.md").read_text()
+    section = text[text.index("\n## TypeScript\n") :]
+    shown = re.search(r"```js\n(.*?)```", section, re.S)
+    example = ROOT / "sdk" / "typescript" / "examples" / "demo-goal.mjs"
+    assert shown and shown.group(1) == example.read_text(), "the README's example is not the file"
+    assert len(example.read_text().splitlines()) <= 22
+
+    output, repo = run_walkthrough(tmp_path, readme_block("TypeScript"))
+
+    # The task table as it ran: all five demo tasks, running, then succeeded.
+    for task in ("stock-docs", "pricing-docs", "pricing-refactor", "pricing-tests", "readme-usage"):
+        assert task in output, output[-3000:]
+    assert "'running'" in output and "'succeeded'" in output, output[-3000:]
+    assert "run completed" in output, output[-3000:]
+    branches = integration_branches(repo)
+    assert len(branches) == 1 and f"succeeded: 5 tasks on {branches[0]}" in output, output[-3000:]
+
+
 @pytest.mark.docker
 def test_run_in_containers_as_written(tmp_path: Path) -> None:
     """Steps 0 to 4 of "Run it on Prefect", then the Docker block of "Run in containers"."""

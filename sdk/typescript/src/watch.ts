@@ -150,6 +150,19 @@ function subscribe(
   return socket;
 }
 
+/** The run's state as the server holds it, as an update. */
+function stateUpdate(run: FlowRun, final: boolean): RunUpdate {
+  const state = run.state?.type ?? "SCHEDULED";
+  return {
+    kind: "state",
+    state,
+    stateName: run.state?.name ?? state,
+    message: run.state?.message ?? null,
+    final,
+    at: run.state?.timestamp ?? new Date().toISOString(),
+  };
+}
+
 export function watch(
   conn: Connection,
   api: PrefectClient,
@@ -178,15 +191,7 @@ export function watch(
         queue.close(error);
       };
       const finish = (run: FlowRun): void => {
-        const state = run.state?.type ?? "SCHEDULED";
-        queue.push({
-          kind: "state",
-          state,
-          stateName: run.state?.name ?? state,
-          message: run.state?.message ?? null,
-          final: true,
-          at: run.state?.timestamp ?? new Date().toISOString(),
-        });
+        queue.push(stateUpdate(run, true));
         // Logs and events of the last moments arrive just after the final state.
         setTimeout(() => stop(), 500);
       };
@@ -319,14 +324,7 @@ export function watch(
           finish(run);
           return;
         }
-        queue.push({
-          kind: "state",
-          state,
-          stateName: run.state?.name ?? state,
-          message: run.state?.message ?? null,
-          final: false,
-          at: run.state?.timestamp ?? new Date().toISOString(),
-        });
+        queue.push(stateUpdate(run, false));
         openEvents();
         if (options.logs !== false) openLogs();
         poller = setInterval(() => {

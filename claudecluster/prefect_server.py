@@ -64,7 +64,7 @@ from claudecluster.errors import ConfigError, ServerError
 from claudecluster.workspace import claudecluster_home, home_path
 
 __all__ = [
-    "QUIET_SERVER_ENV",
+    "SERVER_SETTINGS_ENV",
     "ServerInfo",
     "ensure_server",
     "flow_run_url",
@@ -447,7 +447,11 @@ def _managed_info(state: _ServerState, home: Path, *, started_now: bool) -> Serv
 
 # Every server process ClaudeCluster starts: no analytics, and a log file, not a terminal
 # (no colours, no wrapping, never prompt).
-QUIET_SERVER_ENV = {
+SERVER_SETTINGS_ENV = {
+    # Logs stream out over the /api/logs/out websocket (off in Prefect by default): the
+    # TypeScript SDK's watchRun shows a run's logs as they happen.
+    "PREFECT_SERVER_LOGS_STREAM_OUT_ENABLED": "true",
+    "PREFECT_SERVER_LOGS_STREAM_PUBLISHING_ENABLED": "true",
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
     "PREFECT_SERVER_UI_SHOW_PROMOTIONAL_CONTENT": "false",
     "DO_NOT_TRACK": "1",
@@ -480,7 +484,7 @@ def _server_env(home: Path, port: int) -> dict[str, str]:
             "PREFECT_SERVER_API_HOST": LOOPBACK_HOST,
             "PREFECT_SERVER_API_PORT": str(port),
             "PREFECT_SERVER_UI_API_URL": api_url,
-            **QUIET_SERVER_ENV,
+            **SERVER_SETTINGS_ENV,
         }
     )
     return env

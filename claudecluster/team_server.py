@@ -38,7 +38,7 @@ from pydantic import Field, ValidationError
 from claudecluster.errors import ConfigError, ServerError
 from claudecluster.models import StrictModel
 from claudecluster.prefect_server import (
-    QUIET_SERVER_ENV,
+    SERVER_SETTINGS_ENV,
     _command_line,
     _pid_alive,
     _private_opener,
@@ -145,7 +145,7 @@ def team_server_env(config: TeamServerConfig, prefect_home: Path) -> dict[str, s
             "PREFECT_REDIS_MESSAGING_URL": config.redis_url,
             "PREFECT_SERVER_DOCKET_URL": config.redis_url,
             "PREFECT_UI_API_URL": f"{public}/api",
-            **QUIET_SERVER_ENV,
+            **SERVER_SETTINGS_ENV,
         }
     )
     return env

@@ -190,10 +190,18 @@ export function watch(
         for (const socket of sockets) socket.close();
         queue.close(error);
       };
-      const finish = (run: FlowRun): void => {
+      let finishing = false;
+      const finish = async (run: FlowRun): Promise<void> => {
+        if (finishing) return;
+        finishing = true;
+        if (options.logs !== false) {
+          // A log sent while a socket was being (re)opened is missed live: read what each run
+          // logged once more (duplicates are dropped), so the stream holds every line.
+          await followChildren().catch(() => {});
+          await backfillLogs([...logRuns]).catch(() => {});
+        }
         queue.push(stateUpdate(run, true));
-        // Logs and events of the last moments arrive just after the final state.
-        setTimeout(() => stop(), 500);
+        stop();
       };
       const readRun = async (): Promise<FlowRun> =>
         answer(conn, "reading the run", await api.GET("/flow_runs/{id}", { params: { path: { id } } }));
@@ -220,7 +228,7 @@ export function watch(
           const state = resource["prefect.state-type"] ?? "";
           if (FINAL_STATES.has(state)) {
             // The state as the server holds it (its message included).
-            readRun().then(finish, (error) => stop(error));
+            readRun().then(finish, (error) => stop(error)).catch((error) => stop(error));
           } else {
             queue.push({
               kind: "state",
@@ -310,10 +318,18 @@ export function watch(
         if (!added.length) return;
         for (const child of added) logRuns.add(child);
         openLogs();
-        const earlier = await api.POST("/logs/filter", {
-          body: { logs: { flow_run_id: { any_: added } }, sort: "TIMESTAMP_ASC", limit: 200 },
-        });
-        for (const log of (earlier.data ?? []) as Log[]) pushLog(log);
+        await backfillLogs(added);
+      };
+
+      const backfillLogs = async (runs: string[]): Promise<void> => {
+        for (let offset = 0; ; offset += 200) {
+          const page = await api.POST("/logs/filter", {
+            body: { logs: { flow_run_id: { any_: runs } }, sort: "TIMESTAMP_ASC", limit: 200, offset },
+          });
+          const logs = (page.data ?? []) as Log[];
+          for (const log of logs) pushLog(log);
+          if (logs.length < 200 || finished) return;
+        }
       };
 
       const start = async (): Promise<void> => {
@@ -321,7 +337,7 @@ export function watch(
         since = run.created ?? new Date(Date.now() - 60_000).toISOString();
         const state = run.state?.type ?? "SCHEDULED";
         if (FINAL_STATES.has(state)) {
-          finish(run);
+          await finish(run);
           return;
         }
         queue.push(stateUpdate(run, false));
@@ -333,7 +349,7 @@ export function watch(
             (current) => {
               if (!finished && FINAL_STATES.has(current.state?.type ?? "")) {
                 // The final event may still come; give it a moment before ending on REST's word.
-                setTimeout(() => !finished && finish(current), 2000);
+                setTimeout(() => !finished && void finish(current), 2000);
               }
             },
             () => {

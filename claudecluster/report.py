@@ -9,8 +9,7 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-from claudecluster.models import RunReport, TaskResult, TaskStatus
-from claudecluster.progress import ProgressEvent
+from claudecluster.models import ProgressEvent, RunReport, TaskResult, TaskStatus
 
 _STATUS_STYLE = {
     TaskStatus.SUCCEEDED: "green",

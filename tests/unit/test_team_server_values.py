@@ -159,6 +159,15 @@ class TestTeamServer:
             overrides = [e for e in values.get(section, {}).get("env", []) if e["name"] == name]
             assert overrides == [], f"{section}.env overrides {name}"
 
+    def test_every_server_gets_the_settings_the_local_servers_get(
+        self, values: dict[str, Any]
+    ) -> None:
+        from claudecluster.prefect_server import SERVER_SETTINGS_ENV
+
+        wanted = {k: v for k, v in SERVER_SETTINGS_ENV.items() if k.startswith("PREFECT_SERVER_")}
+        given = {e["name"]: e.get("value") for e in values["global"]["prefect"]["env"]}
+        assert {k: given.get(k) for k in wanted} == wanted
+
     def test_postgresql_from_a_secret_not_sqlite(self, values: dict[str, Any]) -> None:
         assert values["sqlite"]["enabled"] is False
         assert values["postgresql"]["enabled"] is False

@@ -8,6 +8,7 @@ form. The tags are added to the flow run as it starts, so a deployment run carri
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from claudecluster.naming import artifact_scope, run_tags
@@ -22,6 +23,23 @@ class RunIdentity:
     flow_run_id: str | None
     scope: str
     tags: list[str]
+
+
+_RUN_ID = re.compile(r"^\d{8}-\d{6}-[0-9a-f]{4}$")
+
+
+def stable_run_name() -> str:
+    """A goal flow run's name, which is its run id: kept when the run already has one.
+
+    Prefect names a flow run again every time it runs, so a run put back to Scheduled (Retry
+    in the UI, the SDK's ``resume``, a lost worker) would otherwise get a new run id, new
+    branches and no reuse of the work it already paid for.
+    """
+    from prefect.context import FlowRunContext
+
+    context = FlowRunContext.get()
+    name = context.flow_run.name if context and context.flow_run else None
+    return name if name and _RUN_ID.match(name) else new_run_id()
 
 
 def current_identity(*, goal: str | None = None, sweep: str | None = None) -> RunIdentity:

@@ -40,14 +40,14 @@ from claudecluster.models import (
 from claudecluster.plan import Plan
 from claudecluster.preflight import PreparedGoal, prepare_goal
 from claudecluster.progress import RunProgress
-from claudecluster.runs import RunIdentity, current_identity, tag_current_run
+from claudecluster.runs import RunIdentity, current_identity, stable_run_name, tag_current_run
 from claudecluster.server_watch import current_watch
 from claudecluster.session import SessionHost, preload_sdk
 from claudecluster.summary import build_report, interrupted_report, planning_failed_report
 from claudecluster.tasks.integrate import integrate_branches
 from claudecluster.tasks.plan import plan_goal
 from claudecluster.tasks.pull_request import open_pull_request, review_integration
-from claudecluster.workspace import default_worktree_root, new_run_id
+from claudecluster.workspace import default_worktree_root
 
 # Before any flow run starts, so Prefect's own spans go to the collector too.
 telemetry.setup()
@@ -88,7 +88,7 @@ def cancel_child_runs(flow: Any, flow_run: FlowRun, state: State[Any]) -> None:
 
 @flow(
     name="claudecluster-goal",
-    flow_run_name=new_run_id,
+    flow_run_name=stable_run_name,
     log_prints=False,
     on_cancellation=[cancel_child_runs],
 )

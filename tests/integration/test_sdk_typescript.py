@@ -5,8 +5,10 @@
 - the generated types are current (``npm run check-generated``: regenerated from the
   pydantic models and the Prefect server's OpenAPI schema, compared with the committed ones);
 - end to end: a real Prefect server with the goal deployment, a process worker and the
-  scripted model; the node test submits a goal, watches it to the end over Prefect's
-  websockets, and checks the report, the artifacts and the integration branch.
+  scripted model; the node tests submit a goal, watch it to the end over Prefect's
+  websockets, and check the report, the artifacts and the integration branch; a goal that
+  cannot start fails with the CLI's line; a failed goal is resumed and only what failed runs
+  again; a goal is cancelled while its session runs.
 
 The package's dependencies come from its lock file (``npm ci``, which ``.ci/run`` runs; done
 here too when they are missing). Without Node these tests skip, unless
@@ -19,12 +21,13 @@ import os
 import shutil
 import subprocess
 import sys
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from claudecluster.testing import ScriptedModelServer
+from claudecluster.testing import Script, ScriptedModelServer, text
 from tests.cluster import Cluster, running_cluster
 from tests.integration.test_team import file_plan, file_task_script, write_plan
 
@@ -111,21 +114,43 @@ def test_end_to_end(
     for name in names:
         model_server.add_script(file_task_script(marker, name, turn_s=0.3))
     plan = write_plan(tmp_path / "plan.yaml", file_plan(marker, names, goal=f"{marker} modules"))
-    requests = len(model_server.requests)
+    # A goal whose second task's check fails until the test writes a file, then is resumed.
+    flag = tmp_path / "fixed.flag"
+    for name in ("rs-a", "rs-b"):
+        model_server.add_script(file_task_script(marker, name))
+    resume_plan = file_plan(marker, ["rs-a", "rs-b"], goal=f"{marker} resume")
+    del resume_plan["verify"]
+    resume_plan["tasks"][1]["verify"] = f"test -f {flag}"
+    # A goal cancelled while its session thinks.
+    model_server.add_script(
+        Script(
+            name=f"{marker}-cn-a",
+            match=f"{marker}-cn-a ",
+            turns=[text("Thinking it over.", latency_s=120.0)],
+        )
+    )
+    cancel_plan = file_plan(marker, ["cn-a"], goal=f"{marker} cancel")
     env = {
         **cluster.env,
         "E2E_REPO": str(repo),
         "E2E_PLAN": str(plan),
         "E2E_POOL": POOL,
+        "E2E_RESUME_PLAN": str(write_plan(tmp_path / "resume.yaml", resume_plan)),
+        "E2E_FLAG": str(flag),
+        "E2E_CANCEL_PLAN": str(write_plan(tmp_path / "cancel.yaml", cancel_plan)),
     }
 
-    out = node_test(sdk, "e2e", env, 600)
+    out = node_test(sdk, "e2e", env, 900)
 
-    assert "# pass 2" in out and "# fail 0" in out, out[-4000:]
-    # The goal that could not start made no model request: three sessions, one per task.
-    sessions = [s for s in model_server.sessions().values() if (s.script or "").startswith(marker)]
-    assert sorted(s.script for s in sessions) == sorted(f"{marker}-{n}" for n in names)
-    assert len(model_server.requests) > requests
+    assert "# pass 4" in out and "# fail 0" in out, out[-4000:]
+    # The goal that could not start made no model request; the resumed goal's finished task
+    # was not paid again; the cancelled one had its one session.
+    sessions = Counter(
+        s.script.removeprefix(f"{marker}-")
+        for s in model_server.sessions().values()
+        if (s.script or "").startswith(marker)
+    )
+    assert sessions == {**dict.fromkeys(names, 1), "rs-a": 1, "rs-b": 2, "cn-a": 1}
     branches = subprocess.run(
         ["git", "-C", str(repo), "branch", "--list", "claudecluster/*/integration"],
         capture_output=True,

@@ -264,6 +264,11 @@ export class ClaudeCluster {
         hint: "Resume a run that failed, crashed or was cancelled.",
       });
     }
+    if (state === "COMPLETED") {
+      throw new UsageError(`run ${id} already completed`, {
+        hint: "Nothing in it failed, so nothing would run again; submit the goal again instead.",
+      });
+    }
     if (!run.deployment_id) {
       throw new UsageError(`run ${run.name} was started by \`claudecluster run\`, not a deployment`, {
         hint: `Resume it on the machine that ran it: claudecluster resume ${run.name}`,

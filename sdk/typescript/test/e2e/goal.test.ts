@@ -3,7 +3,7 @@
 // it to the end, read its report, artifacts and integration branch.
 import assert from "node:assert/strict";
 import { execFileSync } from "node:child_process";
-import { readFileSync } from "node:fs";
+import { readFileSync, writeFileSync } from "node:fs";
 import { describe, it } from "node:test";
 
 import { parse } from "yaml";
@@ -13,6 +13,18 @@ import { ClaudeCluster, RunNotStartedError, constants, type RunUpdate } from "..
 const repo = process.env.E2E_REPO ?? "";
 const planFile = process.env.E2E_PLAN ?? "";
 const pool = process.env.E2E_POOL ?? "";
+const resumePlan = process.env.E2E_RESUME_PLAN ?? "";
+const flag = process.env.E2E_FLAG ?? "";
+const cancelPlan = process.env.E2E_CANCEL_PLAN ?? "";
+
+async function finalState(cluster: ClaudeCluster, id: string): Promise<RunUpdate> {
+  let last: RunUpdate | undefined;
+  for await (const update of cluster.watchRun(id, { logs: false, signal: AbortSignal.timeout(300_000) })) {
+    last = update;
+  }
+  assert.ok(last);
+  return last;
+}
 
 describe("a goal through the goal deployment", { skip: !repo && "run by tests/integration/test_sdk_typescript.py" }, () => {
   it("is submitted, watched to the end, and reported", async () => {
@@ -76,5 +88,52 @@ describe("a goal through the goal deployment", { skip: !repo && "run by tests/in
       assert.ok(!error.oneLine().includes("\n"));
       return true;
     });
+  });
+
+  it("that failed is resumed: only what failed runs again", async () => {
+    const cluster = new ClaudeCluster();
+    // Its second task's check wants a file that is not there yet.
+    const run = await cluster.submitGoal({ plan: resumePlan, repo, settings: { retries: 0 } });
+    const first = await finalState(cluster, run.id);
+    assert.ok(first.kind === "state" && first.state === "FAILED", JSON.stringify(first));
+    const failed = await cluster.report(run.id);
+    assert.equal(failed.status, "failed");
+    assert.deepEqual(
+      failed.tasks.map((t) => [t.id, t.status]).sort(),
+      [["rs-a", "succeeded"], ["rs-b", "failed"]],
+    );
+    assert.equal(failed.tasks.find((t) => t.id === "rs-b")?.failure_reason, "verify_failed");
+
+    writeFileSync(flag, "fixed\n");
+    const resumed = await cluster.resume(run.id);
+    assert.equal(resumed.stateName, "AwaitingRetry");
+    const second = await finalState(cluster, run.id);
+    assert.ok(second.kind === "state" && second.state === "COMPLETED", JSON.stringify(second));
+    const report = await cluster.report(run.id);
+    assert.equal(report.status, "succeeded", report.error ?? "");
+    assert.equal(report.run_id, failed.run_id);
+    const byId = Object.fromEntries(report.tasks.map((t) => [t.id, t]));
+    assert.equal(byId["rs-a"]?.cached, true); // reused, not paid again
+    assert.equal(byId["rs-b"]?.cached, false);
+    await assert.rejects(cluster.resume(run.id), /already completed/);
+  });
+
+  it("is cancelled while a session runs", async () => {
+    const cluster = new ClaudeCluster();
+    const run = await cluster.submitGoal({ plan: cancelPlan, repo });
+    const updates = cluster.watchRun(run.id, { logs: false, signal: AbortSignal.timeout(300_000) });
+    let cancelled = false;
+    let last: RunUpdate | undefined;
+    for await (const update of updates) {
+      last = update;
+      if (!cancelled && update.kind === "progress" && update.progress.kind === "started") {
+        cancelled = true;
+        assert.equal((await cluster.cancel(run.id)).state, "CANCELLING");
+      }
+    }
+    assert.ok(cancelled, "the session never started");
+    assert.ok(last?.kind === "state" && last.final && last.state === "CANCELLED", JSON.stringify(last));
+    await assert.rejects(cluster.cancel(run.id), /already ended \(cancelled\)/);
+    await assert.rejects(cluster.report(run.id), /ended cancelled without a report/);
   });
 });

@@ -183,6 +183,11 @@ def group_cpu_s(pgid: int | None) -> float:
     return total / os.sysconf("SC_CLK_TCK")
 
 
+def database_bytes(home: Path) -> int:
+    """The embedded Prefect server's SQLite database and its write-ahead log, in bytes."""
+    return sum(p.stat().st_size for p in (home / "prefect").glob("prefect.db*") if p.is_file())
+
+
 def server_pid(home: Path) -> int | None:
     try:
         return int(json.loads((home / "server.json").read_text())["pid"])
@@ -209,6 +214,7 @@ def session_stats(server: ScriptedModelServer) -> dict[str, Any]:
     sessions = server.sessions()
     return {
         "first_request": min((r.started_at for r in msgs), default=None),
+        "last_response": max((r.ended_at for r in msgs if r.ended_at), default=None),
         "requests": len(msgs),
         "unmatched": sum(1 for r in msgs if r.script is None),
         "sessions": len(sessions),
@@ -313,9 +319,11 @@ def run_cc(
     )
     rss = PeakRss(proc.pid)
     cpu = CpuMeter(server_pid(home))
+    db_before = database_bytes(home)
     out, err = proc.communicate(timeout=3600)
     makespan = time.time() - t_start
     rss.stop()
+    db_growth = database_bytes(home) - db_before
     stats = session_stats(server)
     try:
         report = json.loads(out)
@@ -323,8 +331,15 @@ def run_cc(
         report = {"status": "no-report", "stdout": out[-2000:], "stderr": err[-4000:]}
     tim = json.loads(timings.read_text()) if timings.exists() else {"spans": []}
     tasks = report.get("tasks") or []
+    timed = breakdown(tim, tasks, t_start)
+    merge_end = timed["run"].get("merge_end_s")
+    last_response = stats["last_response"]
     return {
         "makespan_s": makespan,
+        "db_growth_bytes": db_growth,
+        "last_merge_after_last_session_s": (
+            merge_end - (last_response - t_start) if merge_end and last_response else None
+        ),
         "cpu": cpu.stop(),
         "exit_code": proc.returncode,
         "status": report.get("status"),
@@ -333,7 +348,7 @@ def run_cc(
         "first_session_after_start_s": (stats["first_request"] or t_start) - t_start,
         "driver_peak_rss_mb": rss.hwm_kb / 1024,
         "tree_peak_rss_mb": rss.tree_peak_kb / 1024,
-        "breakdown": breakdown(tim, tasks, t_start),
+        "breakdown": timed,
         "model": stats,
         "stderr_tail": err[-1500:] if proc.returncode else "",
     }
@@ -395,6 +410,7 @@ def breakdown(tim: dict[str, Any], tasks: list[dict[str, Any]], t_start: float) 
         "startup_to_run_tasks_s": run.get("run_tasks_t0"),
         "run_tasks_s": run.get("run_tasks"),
         "merge_s": run.get("integrate"),
+        "merge_end_s": run.get("integrate_t1"),
         "merge_per_task_s": (run.get("integrate") or 0) / n,
         "run_artifacts_s": run.get("run_artifacts"),
         "after_run_tasks_to_exit_s": (tim.get("t_end", 0) - t_start)
@@ -492,11 +508,21 @@ def case_entry(
         "ratios": ratios,
         "lower_bound_s": bound,
         "amortized_overhead_per_task_s": (cc_s - floor_s) * case.k / case.n,
+        # The driver, its git children and the server, minus the sessions: the same sessions'
+        # CPU measured bare in the floor run stands in for theirs inside ClaudeCluster.
+        "orchestration_cpu_per_task_s": (
+            cc["cpu"]["children_cpu_s"] + cc["cpu"]["server_cpu_s"] - f["cpu"]["children_cpu_s"]
+        )
+        / case.n,
         "floor": f,
         "cc": cc,
         "floor_runs": [r["makespan_s"] for r in floors],
         "cc_runs": [r["makespan_s"] for r in ccs],
     }
+
+
+def _num(value: float | None) -> str:
+    return "–" if value is None else f"{value:.2f}"
 
 
 def write_outputs(results: dict[str, Any], out: Path) -> None:
@@ -510,8 +536,9 @@ def write_outputs(results: dict[str, Any], out: Path) -> None:
         "| case | floor makespan s | CC makespan s | ratio CC/floor (min–max) | lower bound s "
         "| CC/bound | floor mean session s | CC ok/merged | per-task overhead s "
         "| amortized overhead s/task | first session s (CC / floor) | driver peak RSS MB "
-        "| CPU s: floor CLIs / CC driver+CLIs / CC server |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| CPU s: floor CLIs / CC driver+CLIs / CC server | orchestration CPU s/task "
+        "| last merge after last session s | DB growth KB/task |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for c in results["cases"]:
         f, cc = c["floor"], c["cc"]
@@ -525,7 +552,10 @@ def write_outputs(results: dict[str, Any], out: Path) -> None:
             f"{m.get('overhead_total', float('nan')):.2f} | {c['amortized_overhead_per_task_s']:.2f} | "
             f"{cc['first_session_after_start_s']:.2f} / {f['first_session_after_start_s']:.2f} | "
             f"{cc['driver_peak_rss_mb']:.0f} | {f['cpu']['children_cpu_s']:.1f} / "
-            f"{cc['cpu']['children_cpu_s']:.1f} / {cc['cpu']['server_cpu_s']:.1f} |"
+            f"{cc['cpu']['children_cpu_s']:.1f} / {cc['cpu']['server_cpu_s']:.1f} | "
+            f"{c['orchestration_cpu_per_task_s']:.2f} | "
+            f"{_num(cc.get('last_merge_after_last_session_s'))} | "
+            f"{cc.get('db_growth_bytes', 0) / 1024 / c['n']:.1f} |"
         )  # fmt: skip
     lines += [
         "",

@@ -109,13 +109,13 @@ def install() -> None:
     from claudecluster.tasks import worker as task_worker
 
     _wrap_sync(api, "connect", "connect")
-    _wrap_sync(goal_flow_mod, "validate_plan", "flow_body_start")
+    _wrap_sync(goal_flow_mod, "prepare_goal", "flow_body_start")
     _wrap_sync(places, "current_limits", "read_limits")
     _wrap_sync(places.StartPermits, "__init__", "first_permits")
 
     # Driver side: when a task is submitted to the thread-pool task runner / seen finished.
     _wrap_sync(dispatch._Dispatcher, "_start", "submit", lambda a, k: a[1].id)
-    _wrap_sync(dispatch, "_result_of", "observed", lambda a, k: a[1].id)
+    _wrap_sync(dispatch._Dispatcher, "_result_of", "observed", lambda a, k: a[1])
     _wrap_sync(goal_flow_mod, "run_tasks", "run_tasks")
     _wrap_sync(goal_flow_mod, "publish_run_artifacts", "run_artifacts")
     _wrap_sync(integrate_task_mod, "integrate", "integrate")

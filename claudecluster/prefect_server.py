@@ -64,6 +64,7 @@ from claudecluster.errors import ConfigError, ServerError
 from claudecluster.workspace import claudecluster_home, home_path
 
 __all__ = [
+    "LOG_STREAM_ENV",
     "SERVER_SETTINGS_ENV",
     "ServerInfo",
     "ensure_server",
@@ -448,10 +449,6 @@ def _managed_info(state: _ServerState, home: Path, *, started_now: bool) -> Serv
 # Every server process ClaudeCluster starts: no analytics, and a log file, not a terminal
 # (no colours, no wrapping, never prompt).
 SERVER_SETTINGS_ENV = {
-    # Logs stream out over the /api/logs/out websocket (off in Prefect by default): the
-    # TypeScript SDK's watchRun shows a run's logs as they happen.
-    "PREFECT_SERVER_LOGS_STREAM_OUT_ENABLED": "true",
-    "PREFECT_SERVER_LOGS_STREAM_PUBLISHING_ENABLED": "true",
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
     "PREFECT_SERVER_UI_SHOW_PROMOTIONAL_CONTENT": "false",
     "DO_NOT_TRACK": "1",
@@ -459,6 +456,17 @@ SERVER_SETTINGS_ENV = {
     "PREFECT_CLI_WRAP_LINES": "false",
     "PREFECT_CLI_PROMPT": "false",
     "PYTHONUNBUFFERED": "1",
+}
+
+
+# Logs stream out over the /api/logs/out websocket (off in Prefect by default), so the
+# TypeScript SDK's watchRun shows a shared server's logs the moment they arrive. Not for the
+# embedded server: publishing every log line costs its one process enough CPU to slow a run
+# of four sessions on two cores by a quarter (benchmarks/run.py, N=32 K=4: ratio 1.62-1.69
+# with it, 1.37 without); watchRun reads logs over REST every two seconds there instead.
+LOG_STREAM_ENV = {
+    "PREFECT_SERVER_LOGS_STREAM_OUT_ENABLED": "true",
+    "PREFECT_SERVER_LOGS_STREAM_PUBLISHING_ENABLED": "true",
 }
 
 

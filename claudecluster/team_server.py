@@ -38,6 +38,7 @@ from pydantic import Field, ValidationError
 from claudecluster.errors import ConfigError, ServerError
 from claudecluster.models import StrictModel
 from claudecluster.prefect_server import (
+    LOG_STREAM_ENV,
     SERVER_SETTINGS_ENV,
     _command_line,
     _pid_alive,
@@ -146,6 +147,7 @@ def team_server_env(config: TeamServerConfig, prefect_home: Path) -> dict[str, s
             "PREFECT_SERVER_DOCKET_URL": config.redis_url,
             "PREFECT_UI_API_URL": f"{public}/api",
             **SERVER_SETTINGS_ENV,
+            **LOG_STREAM_ENV,
         }
     )
     return env

@@ -70,6 +70,9 @@ class TestSettings:
         assert env["PREFECT_REDIS_MESSAGING_URL"] == "redis://cache.internal:6379/0"
         assert env["PREFECT_SERVER_DOCKET_URL"] == "redis://cache.internal:6379/0"
         assert env["PREFECT_SERVER_ANALYTICS_ENABLED"] == "false"
+        # The SDK's watchRun gets a shared server's logs as they arrive.
+        assert env["PREFECT_SERVER_LOGS_STREAM_OUT_ENABLED"] == "true"
+        assert env["PREFECT_SERVER_LOGS_STREAM_PUBLISHING_ENABLED"] == "true"
         assert env["PREFECT_UI_API_URL"] == "http://prefect.internal:4200/api"
         assert env["PREFECT_HOME"] == str(tmp_path)
 

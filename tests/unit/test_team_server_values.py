@@ -159,12 +159,14 @@ class TestTeamServer:
             overrides = [e for e in values.get(section, {}).get("env", []) if e["name"] == name]
             assert overrides == [], f"{section}.env overrides {name}"
 
-    def test_every_server_gets_the_settings_the_local_servers_get(
+    def test_every_server_gets_the_settings_the_team_servers_get(
         self, values: dict[str, Any]
     ) -> None:
-        from claudecluster.prefect_server import SERVER_SETTINGS_ENV
+        from claudecluster.prefect_server import LOG_STREAM_ENV, SERVER_SETTINGS_ENV
 
-        wanted = {k: v for k, v in SERVER_SETTINGS_ENV.items() if k.startswith("PREFECT_SERVER_")}
+        # What `server start --team` gives its processes, log streaming included.
+        every = {**SERVER_SETTINGS_ENV, **LOG_STREAM_ENV}
+        wanted = {k: v for k, v in every.items() if k.startswith("PREFECT_SERVER_")}
         given = {e["name"]: e.get("value") for e in values["global"]["prefect"]["env"]}
         assert {k: given.get(k) for k in wanted} == wanted
 

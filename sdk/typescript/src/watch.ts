@@ -55,7 +55,11 @@ export interface WatchOptions {
   logs?: boolean;
   /** Stop watching (the iteration ends). */
   signal?: AbortSignal | undefined;
-  /** How often the run's state is also read over REST, in case an event is late (ms). */
+  /**
+   * How often the run's state and new log lines are also read over REST (ms, default 2000):
+   * a server without Prefect's log streaming (off by default, and on ClaudeCluster's
+   * embedded server) sends no logs over the websocket, and an event can be late.
+   */
   pollMs?: number;
 }
 
@@ -176,6 +180,7 @@ export function watch(
       const table = new TaskTable();
       const logRuns = new Set<string>([id]);
       const seenLogs = new Set<string>();
+      let lastLogAt = "";
       const sockets = new Set<WebSocket>();
       let logSocket: WebSocket | null = null;
       let since = "";
@@ -304,6 +309,7 @@ export function watch(
         const key = log.id ?? `${log.flow_run_id}:${log.timestamp}:${log.message}`;
         if (seenLogs.has(key)) return;
         seenLogs.add(key);
+        if ((log.timestamp ?? "") > lastLogAt) lastLogAt = log.timestamp ?? lastLogAt;
         queue.push({ kind: "log", log, at: log.timestamp ?? "" });
       };
 
@@ -319,6 +325,27 @@ export function watch(
         for (const child of added) logRuns.add(child);
         openLogs();
         await backfillLogs(added);
+      };
+
+      // New lines since the newest one seen, one request at a time.
+      let polling = false;
+      const pollLogs = (): void => {
+        if (polling || finished) return;
+        polling = true;
+        const since = lastLogAt ? { timestamp: { after_: lastLogAt } } : {};
+        api
+          .POST("/logs/filter", {
+            body: {
+              logs: { flow_run_id: { any_: [...logRuns] }, ...since },
+              sort: "TIMESTAMP_ASC",
+              limit: 200,
+            },
+          })
+          .then((page) => {
+            for (const log of (page.data ?? []) as Log[]) pushLog(log);
+          })
+          .catch(() => {})
+          .finally(() => (polling = false));
       };
 
       const backfillLogs = async (runs: string[]): Promise<void> => {
@@ -344,7 +371,10 @@ export function watch(
         openEvents();
         if (options.logs !== false) openLogs();
         poller = setInterval(() => {
-          if (options.logs !== false) follow();
+          if (options.logs !== false) {
+            follow();
+            pollLogs();
+          }
           readRun().then(
             (current) => {
               if (!finished && FINAL_STATES.has(current.state?.type ?? "")) {
@@ -356,7 +386,7 @@ export function watch(
               /* a passing outage; the websockets report a lasting one */
             },
           );
-        }, options.pollMs ?? 5000);
+        }, options.pollMs ?? 2000);
       };
 
       options.signal?.addEventListener("abort", () => stop(), { once: true });

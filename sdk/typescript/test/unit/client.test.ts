@@ -230,8 +230,9 @@ describe("report", () => {
 });
 
 describe("cancel and resume", () => {
-  it("resume puts a failed deployment run back as Retry in the UI does", async () => {
-    let state = "FAILED";
+  /** A run whose state set_state changes, starting at `initial`. */
+  function runIn(initial: string): { api: ReturnType<typeof fakeApi>; set: (state: string) => void } {
+    let state = initial;
     const api = fakeApi({
       [`GET /flow_runs/${RUN}`]: () => ({ json: flowRun(state) }),
       [`POST /flow_runs/${RUN}/set_state`]: (body) => {
@@ -240,6 +241,11 @@ describe("cancel and resume", () => {
       },
       "POST /task_runs/filter": () => ({ json: [] }),
     });
+    return { api, set: (next) => (state = next) };
+  }
+
+  it("resume puts a failed deployment run back as Retry in the UI does", async () => {
+    const { api } = runIn("FAILED");
     const run = await new ClaudeCluster({ apiUrl: API, fetch: api.fetch }).resume(RUN);
     assert.equal(run.state, "SCHEDULED");
     const set = api.sent.find((s) => s.path.endsWith("/set_state"))?.body as Record<string, any>;
@@ -255,19 +261,17 @@ describe("cancel and resume", () => {
     );
   });
 
+  it("resume of a run that succeeded is refused, and sends nothing", async () => {
+    const { api } = runIn("COMPLETED");
+    await assert.rejects(new ClaudeCluster({ apiUrl: API, fetch: api.fetch }).resume(RUN), /already completed/);
+    assert.ok(!api.sent.some((s) => s.path.endsWith("/set_state")));
+  });
+
   it("cancel of a finished run is refused; of a running one sets Cancelling", async () => {
-    let state = "COMPLETED";
-    const api = fakeApi({
-      [`GET /flow_runs/${RUN}`]: () => ({ json: flowRun(state) }),
-      [`POST /flow_runs/${RUN}/set_state`]: (body) => {
-        state = (body as { state: { type: string } }).state.type;
-        return { status: 201, json: { status: "ACCEPT" } };
-      },
-      "POST /task_runs/filter": () => ({ json: [] }),
-    });
+    const { api, set } = runIn("COMPLETED");
     const cluster = new ClaudeCluster({ apiUrl: API, fetch: api.fetch });
     await assert.rejects(cluster.cancel(RUN), /already ended \(completed\)/);
-    state = "RUNNING";
+    set("RUNNING");
     assert.equal((await cluster.cancel(RUN)).state, "CANCELLING");
   });
 });

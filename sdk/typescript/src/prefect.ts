@@ -50,13 +50,13 @@ export function connection(options: {
         "(`claudecluster server url` prints the embedded server's), or pass apiUrl.",
     });
   }
-  let url: URL;
+  let url: URL | null = null;
   try {
     url = new URL(raw);
   } catch {
-    url = new URL("invalid:");
+    // not a URL at all: the same error as a URL of another scheme
   }
-  if (url.protocol !== "http:" && url.protocol !== "https:") {
+  if (url?.protocol !== "http:" && url?.protocol !== "https:") {
     throw new ServerError(`PREFECT_API_URL ${JSON.stringify(raw)} is not an http(s) URL`, {
       hint: "Set it to your server's API, e.g. http://127.0.0.1:4200/api.",
     });

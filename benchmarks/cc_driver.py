@@ -102,10 +102,10 @@ def _install_sdk_timers() -> None:
 def install() -> None:
     # Start-up: finding the server, the flow's first steps, the run's limits.
     from claudecluster import api, dispatch, gitops, places
+    from claudecluster import integrate as integrate_mod
     from claudecluster import session as session_mod
     from claudecluster import worker as core_worker
     from claudecluster.flows import goal as goal_flow_mod
-    from claudecluster.tasks import integrate as integrate_task_mod
     from claudecluster.tasks import worker as task_worker
 
     _wrap_sync(api, "connect", "connect")
@@ -118,11 +118,14 @@ def install() -> None:
     _wrap_sync(dispatch._Dispatcher, "_result_of", "observed", lambda a, k: a[1])
     _wrap_sync(goal_flow_mod, "run_tasks", "run_tasks")
     _wrap_sync(goal_flow_mod, "publish_run_artifacts", "run_artifacts")
-    _wrap_sync(integrate_task_mod, "integrate", "integrate")
+    # Merging: what is left when the sessions are done (and the final verify), and the
+    # merges made while they ran.
+    _wrap_sync(integrate_mod.Integration, "finish", "integrate")
+    _wrap_sync(integrate_mod.Integration, "_advance", "merge_early")
     # Worker side (inside the Prefect task run).
     _wrap_sync(gitops, "combine_branches", "combine", lambda a, k: k["name"][: -len("-base")])
     _wrap_async(task_worker, "execute_task", "execute", lambda a, k: a[0].spec.id, sets_task=True)
-    _wrap_async(task_worker, "publish_task_artifacts", "task_artifacts", lambda a, k: a[0].id)
+    _wrap_sync(task_worker, "publish_task_artifacts", "task_artifacts", lambda a, k: a[0].id)
     _wrap_async(session_mod, "run_session", "session", before=_install_sdk_timers)
     _wrap_sync(core_worker, "run_verify", "verify")
     for name, phase in (
@@ -153,19 +156,112 @@ def _time_entry(module: Any, name: str, phase: str) -> None:
     setattr(module, name, timed)
 
 
+_CHILD_CPU: dict[str, float] = {}  # CPU seconds of reaped children, by program name
+_CHILD_NAMES: dict[int, str] = {}
+
+
+def _count_children_cpu() -> None:
+    """Record each child's CPU when it is reaped, by program (the CLI, git, ...): the tree's
+    CPU minus the CLIs' is what orchestration costs, measured rather than estimated."""
+    import subprocess
+
+    real_init = subprocess.Popen.__init__
+    real_waitpid = os.waitpid
+
+    def init(self: Any, args: Any, *a: Any, **k: Any) -> None:
+        real_init(self, args, *a, **k)
+        argv0 = args if isinstance(args, (str, bytes)) else args[0]
+        _CHILD_NAMES[self.pid] = os.path.basename(os.fsdecode(argv0)).split()[0]
+
+    def waitpid(pid: int, options: int) -> tuple[int, int]:
+        reaped, status, usage = os.wait4(pid, options)
+        if reaped:
+            name = _CHILD_NAMES.pop(reaped, "other")
+            with _LOCK:
+                _CHILD_CPU[name] = _CHILD_CPU.get(name, 0.0) + usage.ru_utime + usage.ru_stime
+        return reaped, status
+
+    subprocess.Popen.__init__ = init  # type: ignore[method-assign]
+    os.waitpid = waitpid  # type: ignore[assignment]
+    del real_waitpid
+
+
 def _cpu(who: int) -> float:
     usage = resource.getrusage(who)
     return usage.ru_utime + usage.ru_stime
 
 
+def _dump_stacks_at(spec: str, out: str) -> None:
+    """``BENCH_DUMP_AT=3.5,4.5``: every thread's stack (py-spy dump) at those seconds after
+    exec, appended to ``out``; for finding what a run waits on at a given moment."""
+    import subprocess
+
+    def dump(at: float) -> None:
+        time.sleep(max(0.0, T_EXEC + at - time.time()))
+        text = subprocess.run(
+            ["py-spy", "dump", "--pid", str(os.getpid())], capture_output=True, text=True
+        ).stdout
+        with _LOCK, open(out, "a") as fh:
+            fh.write(f"=== t={at} s\n{text}\n")
+
+    for at in spec.split(","):
+        threading.Thread(target=dump, args=(float(at),), daemon=True).start()
+
+
+def _log_client_retries(out: str) -> None:
+    """``BENCH_CLIENT_LOG=1``: the retries of Prefect's HTTP client (status and back-off,
+    which it logs at debug level) to ``out``, stamped in seconds after exec."""
+    import prefect.client.base as client_base
+
+    real = client_base.logger
+
+    class RetryLog:
+        def __getattr__(self, name: str) -> Any:
+            return getattr(real, name)
+
+        def debug(self, msg: str, *args: Any, **kwargs: Any) -> None:
+            with _LOCK, open(out, "a") as fh:
+                fh.write(f"{time.time() - T_EXEC:8.3f} {threading.current_thread().name} {msg}\n")
+            real.debug(msg, *args, **kwargs)
+
+    client_base.logger = RetryLog()  # type: ignore[assignment]
+
+    # And every request, as "t thread METHOD path".
+    import re as _re
+
+    def note(request: Any) -> None:
+        path = _re.sub(r"[0-9a-f]{8}-[0-9a-f-]{27}", "{id}", request.url.path)
+        with _LOCK, open(out, "a") as fh:
+            fh.write(f"{time.time() - T_EXEC:8.3f} REQ {request.method} {path}\n")
+
+    real_async_send = client_base.PrefectHttpxAsyncClient.send
+    real_sync_send = client_base.PrefectHttpxSyncClient.send
+
+    async def async_send(self: Any, request: Any, *a: Any, **k: Any) -> Any:
+        note(request)
+        return await real_async_send(self, request, *a, **k)
+
+    def sync_send(self: Any, request: Any, *a: Any, **k: Any) -> Any:
+        note(request)
+        return real_sync_send(self, request, *a, **k)
+
+    client_base.PrefectHttpxAsyncClient.send = async_send  # type: ignore[method-assign]
+    client_base.PrefectHttpxSyncClient.send = sync_send  # type: ignore[method-assign]
+
+
 def main() -> int:
     timings_path = sys.argv[1]
+    if os.environ.get("BENCH_CLIENT_LOG"):
+        _log_client_retries(timings_path + ".client.log")
+    if os.environ.get("BENCH_DUMP_AT"):
+        _dump_stacks_at(os.environ["BENCH_DUMP_AT"], timings_path + ".stacks.txt")
     argv = sys.argv[2:]
     # claudecluster.cli.main sets this before Prefect is first imported; install() below
     # imports Prefect earlier than the CLI would, so set it here the same way.
     if "--verbose" not in argv:
         os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "WARNING")
     t_imports = time.time()
+    _count_children_cpu()
     install()
     t_main = time.time()
     from claudecluster.cli import main as cli_main
@@ -183,6 +279,7 @@ def main() -> int:
                     "t_end": time.time(),
                     "cpu_self_s": _cpu(resource.RUSAGE_SELF),
                     "cpu_children_s": _cpu(resource.RUSAGE_CHILDREN),
+                    "cpu_children_by_program_s": _CHILD_CPU,
                     "spans": _SPANS,
                 },
                 fh,

@@ -311,7 +311,10 @@ def run_cc(
     cmd = [sys.executable, str(HERE / "cc_driver.py"), str(timings), "run", "--plan", str(plan),
            "--repo", str(repo), "--max-parallel", str(case.k), "--json"]  # fmt: skip
     if profile is not None:
-        cmd = ["py-spy", "record", "--subprocesses", "-o", str(profile), "--", *cmd]
+        # Collapsed stacks (one line per stack, thread names kept; only threads holding the
+        # GIL, i.e. the Python CPU) for a .txt path.
+        raw = ["--format", "raw", "--threads", "--gil"] if profile.suffix == ".txt" else []
+        cmd = ["py-spy", "record", "--subprocesses", *raw, "-o", str(profile), "--", *cmd]
     t_start = time.time()
     env = env_for_model(server, CLAUDECLUSTER_HOME=str(home), BENCH_T_EXEC=repr(t_start))
     proc = subprocess.Popen(
@@ -354,6 +357,11 @@ def run_cc(
     }
 
 
+def cli_cpu_s(cc: dict[str, Any]) -> float:
+    """CPU seconds of a ClaudeCluster run's Claude Code CLIs."""
+    return float(cc["breakdown"]["run"]["children_cpu_by_program_s"].get("claude", 0.0))
+
+
 def breakdown(tim: dict[str, Any], tasks: list[dict[str, Any]], t_start: float) -> dict[str, Any]:
     """Per-task means of each phase (seconds) and the run-level phases."""
     spans = tim.get("spans", [])
@@ -374,8 +382,8 @@ def breakdown(tim: dict[str, Any], tasks: list[dict[str, Any]], t_start: float) 
             task["combine"] = task.get("combine", 0) + d
         else:
             task[s["phase"]] = task.get(s["phase"], 0.0) + d
-            if s["phase"] == "execute":
-                task["execute_t0"], task["execute_t1"] = s["t0"], s["t1"]
+            if s["phase"] in ("execute", "session", "slot_wait"):
+                task[s["phase"] + "_t0"], task[s["phase"] + "_t1"] = s["t0"], s["t1"]
             if s["phase"] == "task_artifacts":
                 task["body_end"] = s["t1"]
     rows = []
@@ -384,7 +392,14 @@ def breakdown(tim: dict[str, Any], tasks: list[dict[str, Any]], t_start: float) 
             continue
         body_start = t.get("body_start", t.get("execute_t0", t["submit"]))
         body_end = t.get("body_end", t.get("execute_t1", t["observed"]))
-        session = t.get("session", 0.0)
+        # The CLI boots while its task waits for a place: that part of the session span is
+        # queueing (hidden behind other sessions), the rest is the session proper.
+        waited = max(
+            0.0,
+            min(t.get("session_t1", 0), t.get("slot_wait_t1", 0))
+            - max(t.get("session_t0", 0), t.get("slot_wait_t0", 0)),
+        )
+        session = t.get("session", 0.0) - waited
         rows.append(
             {
                 "task_wall": t["observed"] - t["submit"],
@@ -419,6 +434,9 @@ def breakdown(tim: dict[str, Any], tasks: list[dict[str, Any]], t_start: float) 
         else None,
         "driver_imports_s": tim.get("t_main", t_start) - t_start if tim.get("t_main") else None,
         "driver_cpu_s": tim.get("cpu_self_s"),
+        # CPU of the driver's children as they were reaped, by program: the CLIs ("claude"),
+        # git, and anything else.
+        "children_cpu_by_program_s": tim.get("cpu_children_by_program_s", {}),
     }
     return {"per_task_mean_s": mean, "run": run_level, "tasks_timed": len(rows)}
 
@@ -508,10 +526,10 @@ def case_entry(
         "ratios": ratios,
         "lower_bound_s": bound,
         "amortized_overhead_per_task_s": (cc_s - floor_s) * case.k / case.n,
-        # The driver, its git children and the server, minus the sessions: the same sessions'
-        # CPU measured bare in the floor run stands in for theirs inside ClaudeCluster.
+        # The driver, its git children and the server: the driver's whole tree minus its CLIs
+        # (each CLI's CPU recorded when it was reaped), plus the server.
         "orchestration_cpu_per_task_s": (
-            cc["cpu"]["children_cpu_s"] + cc["cpu"]["server_cpu_s"] - f["cpu"]["children_cpu_s"]
+            cc["cpu"]["children_cpu_s"] - cli_cpu_s(cc) + cc["cpu"]["server_cpu_s"]
         )
         / case.n,
         "floor": f,
@@ -536,7 +554,7 @@ def write_outputs(results: dict[str, Any], out: Path) -> None:
         "| case | floor makespan s | CC makespan s | ratio CC/floor (min–max) | lower bound s "
         "| CC/bound | floor mean session s | CC ok/merged | per-task overhead s "
         "| amortized overhead s/task | first session s (CC / floor) | driver peak RSS MB "
-        "| CPU s: floor CLIs / CC driver+CLIs / CC server | orchestration CPU s/task "
+        "| CPU s: floor CLIs / CC CLIs / CC driver+git / CC server | orchestration CPU s/task "
         "| last merge after last session s | DB growth KB/task |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
@@ -552,7 +570,8 @@ def write_outputs(results: dict[str, Any], out: Path) -> None:
             f"{m.get('overhead_total', float('nan')):.2f} | {c['amortized_overhead_per_task_s']:.2f} | "
             f"{cc['first_session_after_start_s']:.2f} / {f['first_session_after_start_s']:.2f} | "
             f"{cc['driver_peak_rss_mb']:.0f} | {f['cpu']['children_cpu_s']:.1f} / "
-            f"{cc['cpu']['children_cpu_s']:.1f} / {cc['cpu']['server_cpu_s']:.1f} | "
+            f"{cli_cpu_s(cc):.1f} / {cc['cpu']['children_cpu_s'] - cli_cpu_s(cc):.1f} / "
+            f"{cc['cpu']['server_cpu_s']:.1f} | "
             f"{c['orchestration_cpu_per_task_s']:.2f} | "
             f"{_num(cc.get('last_merge_after_last_session_s'))} | "
             f"{cc.get('db_growth_bytes', 0) / 1024 / c['n']:.1f} |"
@@ -652,11 +671,15 @@ def main() -> int:
     p.add_argument("--no-cold", action="store_true", help="skip the cold-server first-session run")
     p.add_argument("--no-integrate", action="store_true", help="skip the 64-branch integration")
     p.add_argument("--profile", action="store_true", help="py-spy the largest CC case")
+    p.add_argument(
+        "--profile-raw", action="store_true", help="with --profile: collapsed stacks, profile.txt"
+    )
     p.add_argument("--keep", action="store_true", help="keep the work directory")
     p.add_argument(
         "--repeat", type=int, default=1, help="runs of each side per case (medians reported)"
     )
     args = p.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)  # py-spy writes its profile there mid-run
 
     if args.cases:
         cases = parse_cases(args.cases)
@@ -707,7 +730,8 @@ def main() -> int:
                         floors.append(run_floor(case, server, work / "f", warm_home))
                     else:
                         profile = case is biggest and rep == 0 and args.profile
-                        prof = args.out / "profile.svg" if profile else None
+                        name = "profile.txt" if args.profile_raw else "profile.svg"
+                        prof = args.out / name if profile else None
                         ccs.append(run_cc(case, server, work / "c", warm_home, profile=prof))
                 f, cc = floors[-1], ccs[-1]
                 print(

@@ -163,7 +163,9 @@ class RunSessions:
         held.enter_context(run_slots(self.width))
         with self._changed:
             expected = self._starts - self._forgone
-        permits = StartPermits(min(self.width, self._start_burst), expected)
+        # Two rounds of starts in hand: a refill that meets a busy server waits 2-6 s for
+        # Prefect's retries, about two rounds of sessions ending at this width.
+        permits = StartPermits(min(2 * self.width, self._start_burst), expected)
         held.callback(permits.close)
         with self._changed:
             self.permits = permits

@@ -32,7 +32,7 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import AbstractAsyncContextManager, aclosing, asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -100,14 +100,30 @@ class SessionRequest:
     attributes: Mapping[str, str] = field(default_factory=dict)
 
 
+Ready = Callable[[], Awaitable[None]]
+"""Awaited by a runner once its session could start, before it sends the prompt: returns when
+the session may start, raises when it must not (the runner then stops and raises it too)."""
+
+
+async def start_now() -> None:
+    """A :data:`Ready` that never waits."""
+
+
 class SessionRunner(Protocol):
     """Runs one session to its end; a session that ran and failed is an outcome, not an error.
 
-    ``watch`` hears the session's spend after every turn and may stop it there.
+    ``watch`` hears the session's spend after every turn and may stop it there. ``ready`` is
+    awaited before the first model request: the CLI boots while its session waits for a
+    place, so a place that frees up is used at once.
     """
 
     async def __call__(
-        self, request: SessionRequest, log: Logger, watch: SessionWatch | None = None
+        self,
+        request: SessionRequest,
+        log: Logger,
+        watch: SessionWatch | None = None,
+        *,
+        ready: Ready = start_now,
     ) -> SessionOutcome: ...
 
 
@@ -296,12 +312,18 @@ async def run_session(
     request: SessionRequest,
     log: Logger = _log_to_module_logger,
     watch: SessionWatch | None = None,
+    *,
+    ready: Ready = start_now,
 ) -> SessionOutcome:
     """Run one Claude Code session in ``request.cwd`` and report how it went.
 
     The real :class:`SessionRunner`. Never raises for a session that ran and failed:
     limits, API errors and crashes all come back as an outcome with ``ok=False`` and a
     failure reason. A session that dies or is stopped reports what its usage so far cost.
+
+    The CLI is started and initialized first; the prompt is sent once ``ready`` returns, and
+    the wall-clock timeout and the session's duration count from then. If ``ready`` raises,
+    the CLI is closed before it asked the model anything and the error is raised here.
     """
     from claude_agent_sdk import ClaudeAgentOptions, ClaudeSDKError, ResultError, query
 
@@ -309,6 +331,25 @@ async def run_session(
     marker = uuid.uuid4().hex
     started = time.monotonic()
     state = _SessionState(log, watch, marker)
+    timeout = anyio.CancelScope()  # given its deadline when the prompt is sent
+    refused: list[Exception] = []
+
+    async def prompt() -> AsyncIterator[dict[str, Any]]:
+        nonlocal started
+        try:
+            await ready()
+        except Exception as exc:  # yielding nothing makes the SDK close the CLI's input
+            refused.append(exc)
+            return
+        started = time.monotonic()
+        timeout.deadline = anyio.current_time() + settings.timeout_s
+        yield {
+            "type": "user",
+            "session_id": "",
+            "message": {"role": "user", "content": request.prompt},
+            "parent_tool_use_id": None,
+        }
+
     with tempfile.TemporaryDirectory(prefix="claudecluster-config-") as config_dir:
         options = ClaudeAgentOptions(
             cwd=str(request.cwd),
@@ -335,18 +376,17 @@ async def run_session(
             stderr=lambda line: log(f"cli stderr: {_snippet(line)}"),
         )
         try:
-            with anyio.fail_after(settings.timeout_s):
-                stream = cast(
-                    AsyncGenerator[object, None], query(prompt=request.prompt, options=options)
-                )
+            with timeout:
+                stream = cast(AsyncGenerator[object, None], query(prompt=prompt(), options=options))
                 async with aclosing(stream) as messages:
                     async for message in messages:
                         if state.handle(message):
                             break  # stopped: the CLI is already killed
-        except TimeoutError:
-            state.end(
-                FailureReason.TIMEOUT, f"stopped at the {settings.timeout_s:g} s wall-clock timeout"
-            )
+            if timeout.cancelled_caught:
+                state.end(
+                    FailureReason.TIMEOUT,
+                    f"stopped at the {settings.timeout_s:g} s wall-clock timeout",
+                )
         except ResultError as exc:
             if state.outcome is None:
                 state.outcome = SessionOutcome(
@@ -369,8 +409,10 @@ async def run_session(
                 )
         finally:
             killed = kill_marked_processes(marker)
-            if killed and state.stop is None:
+            if killed and state.stop is None and not refused:
                 log(f"killed {killed} process(es) the session left running")
+    if refused:
+        raise refused[0]
     outcome = state.result()
     if outcome.ok and request.output_format is not None and outcome.structured_output is None:
         outcome.ok = False
@@ -496,31 +538,152 @@ class SessionHost:
         """Run ``request`` holding the slot; the slot's watch and ``watch`` follow it.
 
         Both hear the spend after every turn (either may stop the session) and its final
-        cost, before the slot is freed. Errors taking the slot (the run stopped starting
-        sessions, a missing limit) are raised before any session starts.
+        cost, before the slot is freed. The CLI boots while the slot is being taken (at most
+        :data:`BOOTS_AT_ONCE` in this process at a time, since booting is CPU-bound) and
+        asks the model nothing until it is held. Errors taking the slot (the run stopped
+        starting sessions, a missing limit) are raised before any session starts.
         """
         if self.env:
             request = dataclasses.replace(request, env={**self.env, **request.env})
         asked = time.monotonic()
-        async with self.slot() as place:
-            watches = [w for w in (place, watch) if w is not None]
-            combined = _Watches(watches) if watches else None
-            metrics = telemetry.instruments()
-            if metrics is not None:
-                kind = {"kind": request.attributes.get(telemetry.TASK_KIND, "session")}
-                metrics.queue_wait.record(time.monotonic() - asked, kind)
-                metrics.sessions_started.add(1, kind)
-                metrics.sessions_running.add(1, kind)
+        watches = _Watches([watch] if watch is not None else [])
+        metrics = telemetry.instruments()
+        kind = {"kind": request.attributes.get(telemetry.TASK_KIND, "session")}
+        held = anyio.Event()  # the slot is held (or was refused): the session may go on
+        ended = anyio.Event()  # the runner returned or raised
+        refusal: list[Exception] = []  # why the slot was not given
+        failure: list[Exception] = []  # what the runner raised
+        outcome: list[SessionOutcome] = []
+
+        boot = _BootPermit()
+
+        async def ready() -> None:
+            boot.release()
+            await held.wait()
+            if refusal:
+                raise _SlotRefusedError(str(refusal[0]))
+
+        async def session() -> None:
             try:
-                outcome = await (self.runner or run_session)(request, self.log, combined)
+                await boot.take()
+                if refusal:
+                    return  # refused while it waited to boot: no CLI at all
+                outcome.append(
+                    await (self.runner or run_session)(request, self.log, watches, ready=ready)
+                )
+            except Exception as exc:  # raised from run() below, not from the task group
+                failure.append(exc)
             finally:
-                if metrics is not None:
-                    metrics.sessions_running.add(-1, kind)
-            if metrics is not None:
-                _record_session_metrics(metrics, request, outcome)
-            if combined is not None:
-                combined.spend(outcome.cost_usd)
-        return outcome
+                boot.release()
+                ended.set()
+                if not held.is_set():
+                    waiting.cancel()  # it ended before it could start: stop waiting for a slot
+
+        # The slot is asked for at once (slots go out in the order they were asked for);
+        # the boot waits for its turn beside it.
+        waiting = anyio.CancelScope()
+        async with anyio.create_task_group() as group:
+            group.start_soon(session)
+            with waiting:
+                try:
+                    async with self.slot() as place:
+                        if place is not None:
+                            watches.watches.insert(0, place)
+                        if metrics is not None:
+                            metrics.queue_wait.record(time.monotonic() - asked, kind)
+                            metrics.sessions_started.add(1, kind)
+                            metrics.sessions_running.add(1, kind)
+                        held.set()
+                        boot.started()
+                        try:
+                            await ended.wait()
+                        finally:
+                            if metrics is not None:
+                                metrics.sessions_running.add(-1, kind)
+                        if outcome:
+                            watches.spend(outcome[0].cost_usd)
+                except Exception as exc:
+                    refusal.append(exc)
+                    held.set()
+                    boot.started()
+        if refusal:
+            raise refusal[0]
+        if failure:
+            raise failure[0]
+        if metrics is not None:
+            _record_session_metrics(metrics, request, outcome[0])
+        return outcome[0]
+
+
+class _SlotRefusedError(Exception):
+    """Raised to a runner waiting to start when its slot was refused (the host raises why)."""
+
+
+BOOTS_AT_ONCE = max(1, os.cpu_count() or 1)
+"""CLIs this process boots at once ahead of their slot: a boot is CPU-bound, and one that
+has booted waits for its slot without using any. A session whose slot is held boots at once
+(it is what a run waits for); one still waiting for its slot boots only below this count."""
+
+
+class _BootGate:
+    """How many CLIs are booting in this process, and who may start booting next."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._booting = 0
+        self._changed = threading.Condition()
+
+    def enter(self, slot_held: threading.Event) -> None:
+        """Wait (in a thread) until this boot may start; it counts until :meth:`leave`."""
+        with self._changed:
+            while not slot_held.is_set() and self._booting >= self.limit:
+                self._changed.wait()
+            self._booting += 1
+
+    def leave(self) -> None:
+        with self._changed:
+            self._booting -= 1
+            self._changed.notify_all()
+
+    def nudge(self) -> None:
+        """A waiting boot's slot is now held: it need not wait any longer."""
+        with self._changed:
+            self._changed.notify_all()
+
+
+_boots = _BootGate(BOOTS_AT_ONCE)
+
+
+class _BootPermit:
+    """One session's place among the CLIs booting in this process, until it has booted."""
+
+    def __init__(self) -> None:
+        self.slot_held = threading.Event()
+        self._held = False
+        self._lock = threading.Lock()
+
+    async def take(self) -> None:
+        def enter() -> None:
+            _boots.enter(self.slot_held)
+            with self._lock:
+                self._held = True
+
+        try:
+            await anyio.to_thread.run_sync(enter)
+        except BaseException:
+            self.release()
+            raise
+
+    def started(self) -> None:
+        """Its slot is held: the boot goes ahead whatever the count."""
+        self.slot_held.set()
+        _boots.nudge()
+
+    def release(self) -> None:
+        with self._lock:
+            held, self._held = self._held, False
+        if held:
+            _boots.leave()
 
 
 def _record_session_metrics(

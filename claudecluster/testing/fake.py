@@ -19,7 +19,14 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from claudecluster.models import FailureReason, TokenUsage
-from claudecluster.session import Logger, SessionOutcome, SessionRequest, SessionWatch
+from claudecluster.session import (
+    Logger,
+    Ready,
+    SessionOutcome,
+    SessionRequest,
+    SessionWatch,
+    start_now,
+)
 
 Handler = Callable[[SessionRequest], SessionOutcome | Awaitable[SessionOutcome | None] | None]
 
@@ -64,8 +71,14 @@ class FakeRunner:
         self.requests: list[SessionRequest] = []
 
     async def __call__(
-        self, request: SessionRequest, log: Logger, watch: SessionWatch | None = None
+        self,
+        request: SessionRequest,
+        log: Logger,
+        watch: SessionWatch | None = None,
+        *,
+        ready: Ready = start_now,
     ) -> SessionOutcome:
+        await ready()
         self.requests.append(request)
         log(f"fake session in {request.cwd}")
         played = self.handler(request) if self.handler else None

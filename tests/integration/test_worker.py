@@ -5,11 +5,14 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from pathlib import Path
 
+import anyio
 import pytest
 
+from claudecluster.errors import StartRefusedError
 from claudecluster.models import (
     FailureReason,
     TaskResult,
@@ -244,6 +247,86 @@ class TestLimits:
         assert "timeout" in (result.error or "")
         assert _processes_with(f"sleep\0{seconds}") == []
         assert _processes_with(MARKER_VAR) == []
+
+
+class TestBootsWhileWaiting:
+    """The CLI boots while its session waits for a slot, and asks the model nothing before."""
+
+    def test_no_request_before_the_slot_is_held(
+        self, repo: Path, worktree_root: Path, model_server: ScriptedModelServer, marker: str
+    ) -> None:
+        model_server.add_script(
+            Script(name="waits", match=marker, turns=[text("Nothing to change.")])
+        )
+        seen: dict[str, float] = {}
+
+        @asynccontextmanager
+        async def slow_slot() -> AsyncIterator[None]:
+            # Held only once this session's CLI is up, and two seconds later.
+            deadline = time.monotonic() + 30
+            while not _processes_with(MARKER_VAR) and time.monotonic() < deadline:
+                await anyio.sleep(0.05)
+            seen["cli_up"] = time.time() if _processes_with(MARKER_VAR) else 0.0
+            await anyio.sleep(2.0)
+            seen["held"] = time.time()
+            yield
+
+        spec = TaskSpec(id="waits", title="Waits", prompt=f"{marker} wait for it")
+        unit = WorkUnit(
+            run_id="run-test",
+            spec=spec,
+            repo=str(repo),
+            base_commit="HEAD",
+            verify=None,
+            worktree_root=str(worktree_root),
+        )
+
+        started = time.time()
+
+        result = asyncio.run(execute_task(unit, host=SessionHost(slot=slow_slot)))
+
+        assert result.status is TaskStatus.NO_CHANGES, result.error
+        assert seen["cli_up"], "no CLI was started before the slot was held"
+        assert seen["held"] - seen["cli_up"] >= 2.0
+        requests = [
+            r for r in model_server.requests if r.path == "/v1/messages" and r.started_at >= started
+        ]
+        assert requests and min(r.started_at for r in requests) >= seen["held"]
+
+    def test_a_refused_slot_stops_the_booted_cli_without_a_request(
+        self, repo: Path, worktree_root: Path, model_server: ScriptedModelServer, marker: str
+    ) -> None:
+        model_server.add_script(
+            Script(name="refused", match=marker, turns=[text("Should never run.")])
+        )
+
+        @asynccontextmanager
+        async def refused_after_boot() -> AsyncIterator[None]:
+            deadline = time.monotonic() + 30
+            while not _processes_with(MARKER_VAR) and time.monotonic() < deadline:
+                await anyio.sleep(0.05)
+            await anyio.sleep(1.0)
+            raise StartRefusedError("not started: budget spent", failure_reason="goal_budget")
+            yield  # pragma: no cover
+
+        spec = TaskSpec(id="refused", title="Refused", prompt=f"{marker} never")
+        unit = WorkUnit(
+            run_id="run-test",
+            spec=spec,
+            repo=str(repo),
+            base_commit="HEAD",
+            worktree_root=str(worktree_root),
+        )
+
+        started = time.time()
+
+        result = asyncio.run(execute_task(unit, host=SessionHost(slot=refused_after_boot)))
+
+        assert result.status is TaskStatus.SKIPPED
+        assert result.failure_reason is FailureReason.GOAL_BUDGET
+        asked = [r for r in model_server.requests if r.started_at >= started]
+        assert [r for r in asked if r.path == "/v1/messages"] == []
+        assert _processes_with(MARKER_VAR) == []  # the booted CLI is gone
 
 
 def _processes_with(needle: str) -> list[int]:

@@ -158,7 +158,7 @@ class TestPlaces:
             sessions.acquire(held)
             waiter.join(5)
             assert not waiter.is_alive() and not errors
-        assert taken == [("slots", 2), ("permits", 2, 2)]
+        assert taken == [("slots", 2), ("permits", 4, 2)]  # two rounds of starts in hand
 
     def test_a_failed_permit_gives_the_place_back(self) -> None:
         sessions, permits = sessions_with(1)

@@ -40,7 +40,7 @@ from prefect.utilities.annotations import quote
 from prefect.utilities.urls import url_for
 
 from claudecluster import gitops, remote
-from claudecluster.artifacts import publish_task_artifacts_sync
+from claudecluster.artifacts import publish_task_artifacts
 from claudecluster.budget import GoalBudget
 from claudecluster.errors import ClaudeClusterError
 from claudecluster.journal import RunJournal
@@ -179,6 +179,8 @@ class RunContext:
     # Where pool workers push task branches when it is not this repository: its origin
     # (a URL), reached with this git environment.
     origin_env: Mapping[str, str] | None = field(default=None, repr=False)
+    # Told the results so far each time a task finishes or is not started (returns at once).
+    on_result: Callable[[Mapping[str, TaskResult]], None] | None = None
 
     def unit_for(
         self,
@@ -347,6 +349,7 @@ class _Dispatcher:
                 error=message,
             )
         self.results[spec.id] = result
+        self._tell_results()
         level = logging.INFO if self.lost.is_set() else logging.WARNING
         self.logger.log(level, "not starting %s: %s", spec.id, result.error)
         self.progress.finished(result)
@@ -383,6 +386,10 @@ class _Dispatcher:
         )
         return pool_future
 
+    def _tell_results(self) -> None:
+        if self.run_context.on_result is not None and not self.lost.is_set():
+            self.run_context.on_result(self.results)
+
     def _completed(self, task_id: str, future: PrefectFuture[TaskResult]) -> None:
         self.done.put(task_id)
 
@@ -405,6 +412,7 @@ class _Dispatcher:
             kind = "flow-run" if isinstance(node, FlowRunResult) else "task-run"
             result.run_url = url_for(kind, obj_id=node.id)
         self.results[task_id] = result
+        self._tell_results()
         if task_id in self.local_ids:
             self.sessions.withdraw(task_id)  # if it never asked for its place
             if result.cached:
@@ -415,7 +423,7 @@ class _Dispatcher:
             self.sessions.leave(task_id)
             if not self.lost.is_set():
                 scope = self.run_context.artifact_scope or self.run_context.run_id
-                publish_task_artifacts_sync(result, scope)
+                publish_task_artifacts(result, scope)
         if result.failure_reason in _STOPS_THE_RUN:
             # Every other session would meet the same closed door.
             assert result.failure_reason is not None

@@ -7,6 +7,11 @@ the task branch stays as it is, and the report says which task, which files and 
 
 from __future__ import annotations
 
+import logging
+import queue
+import threading
+from collections.abc import Mapping
+from contextlib import ExitStack
 from pathlib import Path
 
 import git
@@ -24,6 +29,8 @@ from claudecluster.models import (
 from claudecluster.plan import Plan, topological_order
 from claudecluster.resolve import Resolution, Resolver
 from claudecluster.verify import run_verify
+
+_log = logging.getLogger(__name__)
 
 
 class IntegrationOutcome(StrictModel):
@@ -70,21 +77,136 @@ def integrate(
     With a ``resolver``, a conflicting branch gets a resolution session (see
     :mod:`claudecluster.resolve`) before it is given up and reported.
     """
-    repo = gitops.open_repo(repo_path)
-    branch = gitops.integration_branch(run_id)
-    path = worktree_root / run_id / "integration"
-    with gitops.branch_worktree(repo, path, branch, base_commit) as integration:
-        merger = _Merger(repo, integration, plan, results, resolver, worktree_root / run_id)
-        merger.outcome = IntegrationOutcome(branch=branch, head_commit=base_commit)
-        for spec in topological_order(plan):
-            with telemetry.span("claudecluster.merge", {telemetry.TASK_ID: spec.id}):
-                merger.offer(spec)
-        if verify:
-            with telemetry.span("claudecluster.verify", {telemetry.RUN_ID: run_id}):
-                merger.outcome.final_verify = run_verify(
-                    verify, Path(integration.working_dir), verify_timeout_s
-                )
-    return merger.outcome
+    with Integration(repo_path, base_commit, run_id, plan, worktree_root=worktree_root) as run:
+        return run.finish(
+            results, verify=verify, verify_timeout_s=verify_timeout_s, resolver=resolver
+        )
+
+
+class Integration:
+    """A run's integration branch, merged onto while the run goes on.
+
+    :meth:`offer` hands it the results so far; a thread of its own merges, in dependency
+    order, every finished task whose predecessors in that order are done, so that when the
+    last session ends only the last few branches are left to merge. It stops at the first
+    task still running, at a branch not in this repository yet (a pool worker's, fetched at
+    the end) and at a conflict: :meth:`finish` takes it from there with the resolver, in the
+    same order, so the outcome is the one merging everything at the end would give.
+    """
+
+    def __init__(
+        self,
+        repo_path: str | Path,
+        base_commit: str,
+        run_id: str,
+        plan: Plan,
+        *,
+        worktree_root: Path,
+    ) -> None:
+        self.repo = gitops.open_repo(repo_path)
+        self.base_commit, self.run_id, self.plan = base_commit, run_id, plan
+        self.branch = gitops.integration_branch(run_id)
+        self.path = worktree_root / run_id / "integration"
+        self.scratch_root = worktree_root / run_id
+        self._order = topological_order(plan)
+        self._next = 0  # the first task in dependency order not offered yet
+        self._merger: _Merger | None = None
+        self._lock = threading.Lock()  # one merge at a time: the thread's, or finish's
+        self._offers: queue.SimpleQueue[dict[str, TaskResult] | None] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._stack = ExitStack()
+
+    def __enter__(self) -> Integration:
+        return self
+
+    def _opened(self) -> _Merger:
+        """The merger on the integration worktree, created on first use (callers hold the
+        lock): not before the first session, whose start it would delay."""
+        if self._merger is None:
+            worktree = self._stack.enter_context(
+                gitops.branch_worktree(self.repo, self.path, self.branch, self.base_commit)
+            )
+            self._merger = _Merger(self.repo, worktree, self.plan, {}, None, self.scratch_root)
+            self._merger.outcome = IntegrationOutcome(
+                branch=self.branch, head_commit=self.base_commit
+            )
+        return self._merger
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop()
+        self._stack.close()
+
+    def offer(self, results: Mapping[str, TaskResult]) -> None:
+        """Results so far (copied): merge what can be merged now, on the thread."""
+        if self._thread is None:
+            self._thread = threading.Thread(
+                target=self._follow, name=f"integrate-{self.run_id}", daemon=True
+            )
+            self._thread.start()
+        self._offers.put(dict(results))
+
+    def finish(
+        self,
+        results: dict[str, TaskResult],
+        *,
+        verify: str | None,
+        verify_timeout_s: float,
+        resolver: Resolver | None = None,
+    ) -> IntegrationOutcome:
+        """Merge the rest (resolving conflicts with ``resolver``), then run ``verify``."""
+        self._stop()
+        with self._lock:
+            merger = self._opened()
+            merger.results, merger.resolver = results, resolver
+            for spec in self._order[self._next :]:
+                with telemetry.span("claudecluster.merge", {telemetry.TASK_ID: spec.id}):
+                    merger.offer(spec)
+            self._next = len(self._order)
+            if verify:
+                with telemetry.span("claudecluster.verify", {telemetry.RUN_ID: self.run_id}):
+                    merger.outcome.final_verify = run_verify(
+                        verify, Path(merger.integration.working_dir), verify_timeout_s
+                    )
+        return merger.outcome
+
+    def _stop(self) -> None:
+        if self._thread is not None:
+            self._offers.put(None)
+            self._thread.join()
+            self._thread = None
+
+    def _follow(self) -> None:
+        while (results := self._offers.get()) is not None:
+            while True:  # only the newest results matter
+                try:
+                    newer = self._offers.get_nowait()
+                except queue.Empty:
+                    break
+                if newer is None:
+                    self._advance(results)
+                    return
+                results = newer
+            self._advance(results)
+
+    def _advance(self, results: dict[str, TaskResult]) -> None:
+        with self._lock:
+            merger = self._opened()
+            merger.results = results
+            while self._next < len(self._order):
+                spec = self._order[self._next]
+                result = results.get(spec.id)
+                if result is None:
+                    return  # still running: later ones wait, so the order holds
+                if result.branch and not gitops.branch_exists(self.repo, result.branch):
+                    return  # a pool worker's branch, fetched at the end
+                try:
+                    with telemetry.span("claudecluster.merge", {telemetry.TASK_ID: spec.id}):
+                        if not merger.offer(spec, resolve=False):
+                            return  # a conflict: finish() resolves it, in this order
+                except Exception:  # finish() merges what is left, and reports what fails
+                    _log.warning("merging %s early failed", spec.id, exc_info=True)
+                    return
+                self._next += 1
 
 
 class _Merger:
@@ -105,23 +227,30 @@ class _Merger:
         self.results, self.resolver, self.scratch_root = results, resolver, scratch_root
         self.merged: set[str] = set()
 
-    def offer(self, spec: TaskSpec) -> None:
-        """Merge ``spec``'s branch if it has one and may be merged; else say why not."""
+    def offer(self, spec: TaskSpec, *, resolve: bool = True) -> bool:
+        """Merge ``spec``'s branch if it has one and may be merged; else say why not.
+
+        Without ``resolve`` a conflict changes nothing and returns False (to be offered
+        again with it); otherwise the task is settled and True is returned.
+        """
         result = self.results.get(spec.id)
         if result is None or result.branch is None:
-            return  # skipped, no changes, or never ran: nothing to merge
+            return True  # skipped, no changes, or never ran: nothing to merge
         if reason := self._refusal(spec, result):
             self._keep(spec, result.branch, reason)
-            return
+            return True
         try:
             self.outcome.head_commit = gitops.merge_branch(
                 self.integration, result.branch, f"Merge task {spec.id}: {spec.title}"
             )
         except gitops.MergeConflictError as conflict:
+            if not resolve:
+                return False
             if not self._resolve(spec, result.branch, conflict):
-                return
+                return True
         self.merged.add(spec.id)
         self.outcome.merged.append(spec.id)
+        return True
 
     def _refusal(self, spec: TaskSpec, result: TaskResult) -> str | None:
         if result.status is not TaskStatus.SUCCEEDED:

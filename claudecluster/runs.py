@@ -9,6 +9,8 @@ form. The tags are added to the flow run as it starts, so a deployment run carri
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from claudecluster.naming import artifact_scope, run_tags
@@ -71,6 +73,20 @@ def tag_current_run(tags: list[str]) -> None:
     if wanted != have:
         with get_client(sync_client=True) as client:
             client.update_flow_run(context.flow_run.id, tags=wanted)
+
+
+@contextmanager
+def untagged_task_runs() -> Iterator[None]:
+    """Task runs started inside carry no tags (flow runs are tagged explicitly).
+
+    Prefect takes a slot of a tag concurrency limit for every tag of every task run as it
+    starts, one server write at a time through one queue: a goal's task runs would pay it on
+    the critical path (and a SQLite server's "busy" answer to one held every start for 2 s).
+    """
+    from prefect.context import TagsContext
+
+    with TagsContext(current_tags=set()):
+        yield
 
 
 def _deployment_name(deployment_id: object) -> str | None:

@@ -16,7 +16,7 @@ import time
 from contextlib import ExitStack
 from typing import Any
 
-from prefect import flow, get_run_logger, tags
+from prefect import flow, get_run_logger
 from prefect.client.schemas.objects import FlowRun, State
 from prefect.states import Completed, Failed
 from prefect.utilities.urls import url_for
@@ -28,6 +28,7 @@ from claudecluster.concurrency import session_slot
 from claudecluster.dispatch import RunContext, run_tasks
 from claudecluster.errors import ClaudeClusterError, ReviewError
 from claudecluster.gitops import BRANCH_PREFIX
+from claudecluster.integrate import Integration
 from claudecluster.journal import RunJournal
 from claudecluster.models import (
     PullRequestMode,
@@ -40,7 +41,13 @@ from claudecluster.models import (
 from claudecluster.plan import Plan
 from claudecluster.preflight import PreparedGoal, prepare_goal
 from claudecluster.progress import RunProgress
-from claudecluster.runs import RunIdentity, current_identity, stable_run_name, tag_current_run
+from claudecluster.runs import (
+    RunIdentity,
+    current_identity,
+    stable_run_name,
+    tag_current_run,
+    untagged_task_runs,
+)
 from claudecluster.server_watch import current_watch
 from claudecluster.session import SessionHost, preload_sdk
 from claudecluster.summary import build_report, interrupted_report, planning_failed_report
@@ -148,7 +155,7 @@ def goal_flow(
             telemetry.GOAL: telemetry.goal_attribute(goal or (plan.goal if plan else None) or ""),
         }
     )
-    with tags(*identity.tags):
+    with untagged_task_runs():
         try:
             prepared = prepare_goal(
                 goal=goal,
@@ -273,6 +280,9 @@ def _drive(
         RunJournal(run_id).save_report(report)
 
     with ExitStack() as stack:
+        integration = stack.enter_context(
+            Integration(str(target.root), target.base_commit, run_id, plan, worktree_root=root)
+        )
         repo_url = target.url
         if repo_url is None and not all(t.shares_disk for t in prepared.pools.values()):
             repo_url = stack.enter_context(remote.ServedRepository(target.root)).url
@@ -296,26 +306,21 @@ def _drive(
             tags=identity.tags,
             artifact_scope=scope,
             origin_env=target.git_env if target.url else None,
+            # Branches are merged as tasks finish, unless they come from a remote at the end.
+            on_result=None if target.url else integration.offer,
         )
         results = run_tasks(plan, run, progress)
-    if watch is not None and watch.lost.is_set():
-        # Nothing more can be recorded on the server; the report is in the run journal.
-        lost_report = RunJournal(run_id).report()
-        message = lost_report.error if lost_report else "the Prefect server was lost"
-        return Failed(data=lost_report, message=message or "the Prefect server was lost")
-    if target.url:  # workers in containers pushed their branches to the remote
-        remote.fetch(target.repo, env=dict(target.git_env), pattern=f"{BRANCH_PREFIX}/{run_id}/*")
-    progress.integrating()
-    integration = integrate_branches(
-        str(target.root),
-        target.base_commit,
-        run_id,
-        plan,
-        results,
-        str(root),
-        resolved.settings,
-        host,
-    )
+        if watch is not None and watch.lost.is_set():
+            # Nothing more can be recorded on the server; the report is in the run journal.
+            lost_report = RunJournal(run_id).report()
+            message = lost_report.error if lost_report else "the Prefect server was lost"
+            return Failed(data=lost_report, message=message or "the Prefect server was lost")
+        if target.url:  # workers in containers pushed their branches to the remote
+            remote.fetch(
+                target.repo, env=dict(target.git_env), pattern=f"{BRANCH_PREFIX}/{run_id}/*"
+            )
+        progress.integrating()
+        outcome = integrate_branches(integration, results, resolved.settings, host)
     report = build_report(
         run_id=run_id,
         goal=goal,
@@ -323,7 +328,7 @@ def _drive(
         base_commit=target.base_commit,
         plan=plan,
         results=results,
-        integration=integration,
+        integration=outcome,
         planner=planner_result,
         started=started,
         flow_run_id=identity.flow_run_id,
@@ -332,7 +337,7 @@ def _drive(
     report.ui_url = report.ui_url or url_for("flow-run", obj_id=identity.flow_run_id)
     report.trace_id = telemetry.current_trace_id()
     report.trace_url = telemetry.trace_url(report.trace_id)
-    _record_run_metrics(report, integration.resolved, resolved.budget_usd)
+    _record_run_metrics(report, outcome.resolved, resolved.budget_usd)
     RunJournal(run_id).save_report(report)
     if target.url:
         publish_branches(target.repo, report, env=dict(target.git_env))

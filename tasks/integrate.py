@@ -1,4 +1,4 @@
-"""The integrate task: merge succeeded task branches in dependency order, then verify."""
+"""The integrate task: merge the succeeded task branches left in dependency order, then verify."""
 
 from __future__ import annotations
 
@@ -9,27 +9,24 @@ import anyio
 from prefect import get_run_logger, task
 from prefect.cache_policies import NONE
 
-from claudecluster.integrate import IntegrationOutcome, integrate
+from claudecluster.integrate import Integration, IntegrationOutcome
 from claudecluster.models import TaskResult, TaskSpec, WorkerSettings
-from claudecluster.plan import Plan
 from claudecluster.resolve import Resolution, Resolver, resolve_conflict
 from claudecluster.session import SessionHost
 
 
 @task(name="integrate", task_run_name="integrate", cache_policy=NONE)
 def integrate_branches(
-    repo: str,
-    base_commit: str,
-    run_id: str,
-    plan: Plan,
+    integration: Integration,
     results: dict[str, TaskResult],
-    worktree_root: str,
     settings: WorkerSettings,
     host: SessionHost,
 ) -> IntegrationOutcome:
-    """Merge onto the integration branch (resolving conflicts) and run the final verify.
+    """Merge the rest onto the integration branch (resolving conflicts), then verify.
 
-    ``host`` runs the resolution sessions, when ``settings.resolve_conflicts`` allows them.
+    Most branches were merged while the run went on (see :class:`Integration`); this merges
+    what is left. ``host`` runs the resolution sessions, when ``settings.resolve_conflicts``
+    allows them.
     """
     logger = get_run_logger()
     resolver = (
@@ -37,15 +34,10 @@ def integrate_branches(
         if settings.resolve_conflicts
         else None
     )
-    outcome = integrate(
-        repo,
-        base_commit,
-        run_id,
-        plan,
+    outcome = integration.finish(
         results,
-        verify=plan.verify,
+        verify=integration.plan.verify,
         verify_timeout_s=settings.verify_timeout_s,
-        worktree_root=Path(worktree_root),
         resolver=resolver,
     )
     logger.info("merged %s onto %s", ", ".join(outcome.merged) or "nothing", outcome.branch)

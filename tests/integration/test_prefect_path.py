@@ -196,7 +196,9 @@ class TestNamesTagsAndGraph:
         )
         names = {t["name"] for t in task_runs}
         assert {"calc-doc", "strings-doc", "notes", "integrate"} <= names
-        assert all(set(t["tags"]) >= {"claudecluster"} for t in task_runs)
+        # Task runs carry no tags: Prefect would take a slot of a tag concurrency limit for
+        # each tag at every task run's start (a server write on the critical path).
+        assert [t["tags"] for t in task_runs] == [[]] * len(task_runs)
         # Tool results keep their lines in the log.
         logs = cluster.api(
             "POST", "/logs/filter", {"logs": {"flow_run_id": {"any_": [report["flow_run_id"]]}}}
@@ -230,7 +232,8 @@ class TestNamesTagsAndGraph:
         )
         keys = {a["key"] for a in on_goal}
         for task_id in ("calc-doc", "strings-doc", "notes"):
-            assert {f"{scope}-{task_id}-diff", f"{scope}-{task_id}-tests"} <= keys, keys
+            assert f"{scope}-{task_id}-diff" in keys, keys
+            assert f"{scope}-{task_id}-tests" not in keys  # one artifact per task
 
 
 class TestArtifactHistory:

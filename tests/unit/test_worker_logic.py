@@ -8,7 +8,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 from claudecluster.errors import StartRefusedError
-from claudecluster.integrate import IntegrationOutcome, integrate
+from claudecluster.integrate import Integration, IntegrationOutcome, integrate
 from claudecluster.models import (
     Dependency,
     FailureReason,
@@ -338,3 +338,64 @@ class TestIntegration:
         assert kept.id == "right" and kept.conflicting_files == ["calc.py"]
         assert "conflict markers remain in calc.py" in kept.reason
         assert git(repo, "rev-parse", kept.branch or "").strip() == results["right"].head_commit
+
+
+class TestEarlyMerges:
+    """Integration while the run goes on: the same outcome as merging everything at the end."""
+
+    def open(self, repo: Path, root: Path, *task_ids: str) -> Integration:
+        head = git(repo, "rev-parse", "HEAD").strip()
+        return Integration(repo, head, "run-unit", plan_of(*task_ids), worktree_root=root)
+
+    def test_finished_tasks_are_merged_in_order_before_the_end(
+        self, repo: Path, worktree_root: Path
+    ) -> None:
+        results = merged_branches(repo, worktree_root, {"a": "A = 1\n"})
+        for t in ("b", "c"):
+            runner = FakeRunner(lambda r, t=t: writes(r, {f"{t}.py": "x\n"}))
+            results[t] = run(unit_for(repo, worktree_root, t), runner)
+        with self.open(repo, worktree_root, "a", "b", "c") as integration:
+            # b finished before a: nothing may be merged until a is, to keep the order.
+            integration.offer({"b": results["b"]})
+            integration.offer({"a": results["a"], "b": results["b"]})
+            integration._stop()  # let the thread finish what it was offered
+            early = git(repo, "log", "--first-parent", "--format=%s", integration.branch)
+            outcome = integration.finish(results, verify=PASSING, verify_timeout_s=60)
+
+        assert early.splitlines()[:2] == ["Merge task b: Task b", "Merge task a: Task a"]
+        assert outcome.merged == ["a", "b", "c"] and outcome.unmerged == []
+        assert outcome.final_verify is not None and outcome.final_verify.ok
+        log = git(repo, "log", "--first-parent", "--format=%s", outcome.branch).splitlines()
+        assert log[:3] == [f"Merge task {t}: Task {t}" for t in ("c", "b", "a")]
+        assert not (worktree_root / "run-unit" / "integration").exists()
+
+    def test_a_conflict_waits_for_the_end_and_is_resolved_there(
+        self, repo: Path, worktree_root: Path
+    ) -> None:
+        results = merged_branches(repo, worktree_root, {"left": "L = 1\n", "right": "R = 2\n"})
+        runner = FakeRunner(lambda r: writes(r, {"calc.py": "L = 1\nR = 2\n"}))
+
+        with self.open(repo, worktree_root, "left", "right") as integration:
+            integration.offer(results)
+            integration._stop()
+            assert runner.requests == []  # no resolution session while the run goes on
+            outcome = integration.finish(
+                results, verify=None, verify_timeout_s=60, resolver=session_resolver(runner)
+            )
+
+        assert outcome.merged == ["left", "right"] and outcome.resolved == ["right"]
+        assert git(repo, "show", f"{outcome.branch}:calc.py") == "L = 1\nR = 2\n"
+
+    def test_a_branch_not_here_yet_stops_the_early_merges(
+        self, repo: Path, worktree_root: Path
+    ) -> None:
+        results = merged_branches(repo, worktree_root, {"a": "A = 1\n"})
+        elsewhere = results["a"].model_copy(update={"branch": "claudecluster/run-unit/not-fetched"})
+
+        with self.open(repo, worktree_root, "a") as integration:
+            integration.offer({"a": elsewhere})
+            integration._stop()
+            assert integration._next == 0  # offered again at the end, once fetched
+            outcome = integration.finish(results, verify=None, verify_timeout_s=60)
+
+        assert outcome.merged == ["a"]

@@ -11,8 +11,6 @@ artifact also belongs to its run, so a run's page shows its own.
 from __future__ import annotations
 
 from prefect.artifacts import (
-    acreate_markdown_artifact,
-    acreate_table_artifact,
     create_markdown_artifact,
     create_table_artifact,
 )
@@ -27,8 +25,8 @@ from claudecluster.summary import run_table_rows
 ARTIFACT_DIFF_CAP_BYTES = 60_000
 
 
-def diff_markdown(result: TaskResult) -> str:
-    """The markdown body of a task's diff artifact."""
+def diff_markdown(result: TaskResult, *, tests: list[str] | None = None) -> str:
+    """The markdown body of a task's artifact; ``tests`` (lines) go before the diff."""
     lines = [
         f"# {result.title or result.id}",
         "",
@@ -47,58 +45,53 @@ def diff_markdown(result: TaskResult) -> str:
         lines += [f"| **total** | | **{result.added}** | **{result.removed}** |", ""]
     else:
         lines += ["No files changed.", ""]
+    lines += tests or []
     if result.diff:
         body, cut = cap_text(result.diff, ARTIFACT_DIFF_CAP_BYTES)
         if result.diff_truncated and not cut:
             body += "\n[... diff was capped by the worker ...]\n"
-        lines += ["```diff", body.rstrip("\n"), "```"]
+        lines += ["## Diff", "", "```diff", body.rstrip("\n"), "```"]
     return redact("\n".join(lines))
 
 
-def test_rows(result: TaskResult) -> list[dict[str, object]]:
-    """Rows of a task's test-report table artifact."""
+def test_report_markdown(result: TaskResult) -> list[str]:
+    """The test-report section of a task's artifact: the verify command's outcome."""
     report = result.test_report
+    lines = ["## Test report", ""]
     if report is None:
-        return [{"command": "-", "exit_code": "-", "result": "no verify command ran"}]
-    return [
-        {
-            "command": report.command,
-            "exit_code": "killed" if report.exit_code is None else report.exit_code,
-            "result": "passed" if report.ok else ("timed out" if report.timed_out else "failed"),
-            "passed": report.passed if report.passed is not None else "-",
-            "failed": report.failed if report.failed is not None else "-",
-            "skipped": report.skipped if report.skipped is not None else "-",
-            "duration_s": report.duration_s,
-            "output_tail": redact(report.output_tail[-2000:]),
-        }
+        return [*lines, "No verify command ran.", ""]
+    outcome = "passed" if report.ok else ("timed out" if report.timed_out else "failed")
+    exit_code = "killed" if report.exit_code is None else report.exit_code
+
+    def count(value: int | None) -> str:
+        return "-" if value is None else str(value)
+
+    lines += [
+        "| command | exit code | result | passed | failed | skipped | duration s |",
+        "|---|---:|---|---:|---:|---:|---:|",
+        f"| `{report.command}` | {exit_code} | {outcome} | {count(report.passed)} | "
+        f"{count(report.failed)} | {count(report.skipped)} | {report.duration_s:.2f} |",
+        "",
     ]
+    if report.output_tail:
+        lines += ["```text", report.output_tail[-2000:].rstrip("\n"), "```", ""]
+    return lines
 
 
-async def publish_task_artifacts(result: TaskResult, scope: str) -> None:
-    """Create the diff and test-report artifacts of one task in the current run context."""
-    await acreate_markdown_artifact(
-        key=artifact_key(scope, result.id, "diff"),
-        markdown=diff_markdown(result),
-        description=f"Diff of task {result.id}",
-    )
-    await acreate_table_artifact(
-        key=artifact_key(scope, result.id, "tests"),
-        table=test_rows(result),
-        description=f"Test report of task {result.id}",
-    )
+def task_markdown(result: TaskResult) -> str:
+    """A task's artifact: its status, files, diff and test report, in one markdown body."""
+    return diff_markdown(result, tests=test_report_markdown(result))
 
 
-def publish_task_artifacts_sync(result: TaskResult, scope: str) -> None:
-    """:func:`publish_task_artifacts` from synchronous code (the driver, for pool tasks)."""
+def publish_task_artifacts(result: TaskResult, scope: str) -> None:
+    """Create the artifact of one task (diff and test report) in the current run context.
+
+    One artifact, not one per part: each is a server write and two events.
+    """
     create_markdown_artifact(
         key=artifact_key(scope, result.id, "diff"),
-        markdown=diff_markdown(result),
-        description=f"Diff of task {result.id}",
-    )
-    create_table_artifact(
-        key=artifact_key(scope, result.id, "tests"),
-        table=test_rows(result),
-        description=f"Test report of task {result.id}",
+        markdown=task_markdown(result),
+        description=f"Diff and test report of task {result.id}",
     )
 
 

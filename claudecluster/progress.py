@@ -165,8 +165,12 @@ class RunProgress:
         self._emit("done", message=message)
 
 
+_WRITE_INTERVAL_S = 2.0
+
+
 class _ProgressPublisher:
-    """Writes a run's progress artifact from a thread, newest figure only."""
+    """Writes a run's progress artifact from a thread, newest figure only, at most once every
+    :data:`_WRITE_INTERVAL_S` (each write is a server write beside the sessions' own)."""
 
     def __init__(self, run_id: str, key: str) -> None:
         self.run_id, self.key = run_id, key
@@ -206,6 +210,8 @@ class _ProgressPublisher:
                     _log.warning("could not update the progress artifact", exc_info=True)
             if closed and percent is None:
                 return
+            with self._changed:  # one server write per interval at most, the last one at once
+                self._changed.wait_for(lambda: self._closed, timeout=_WRITE_INTERVAL_S)
 
     def _write(self, percent: float) -> None:
         if self._artifact_id is None:

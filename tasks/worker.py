@@ -1,7 +1,7 @@
 """The worker task: one WorkUnit as a Prefect task run (one Claude Code session).
 
 Its log carries the session's messages as they happen (assistant text, tool calls, tool
-results, the final result); its artifacts carry the diff and the test report.
+results, the final result); its artifact carries the diff and the test report.
 
 The task run ends Completed when the task succeeded (or had nothing to change) and Failed
 otherwise, with the TaskResult as its data either way. That gives Prefect's machinery its
@@ -21,12 +21,16 @@ credentials from the unit's settings block itself, so secrets never travel as pa
 
 from __future__ import annotations
 
-from typing import Any
+import asyncio
+import functools
+from collections.abc import Callable, Coroutine
+from typing import Any, cast
 
 from prefect import Task, get_run_logger, task
 from prefect.client.schemas.objects import State
 from prefect.context import TaskRunContext
 from prefect.states import Completed, Failed
+from prefect.utilities.asyncutils import run_coro_as_sync
 
 from claudecluster import telemetry
 from claudecluster.artifacts import publish_task_artifacts
@@ -72,11 +76,15 @@ def as_state(result: TaskResult) -> State[TaskResult]:
     persist_result=True,
     retry_condition_fn=crashed,
 )
-async def run_worker(unit: WorkUnit, host: SessionHost | None = None) -> State[TaskResult]:
+def run_worker(unit: WorkUnit, host: SessionHost | None = None) -> State[TaskResult]:
     """Run one task in its own worktree and branch; return its TaskResult.
 
     ``host`` is how the session runs (a local run's place and credentials); without one the
     session takes a cluster-wide session slot and the settings block's credentials.
+
+    A synchronous task around the asynchronous session: Prefect then runs it with the flow's
+    own client (an asynchronous task run builds a client of its own, with its TLS context and
+    CSRF token, in every task run's thread), which is most of what a task run costs.
     """
     logger = get_run_logger()
     telemetry.set_attributes(
@@ -87,13 +95,9 @@ async def run_worker(unit: WorkUnit, host: SessionHost | None = None) -> State[T
             telemetry.POOL: unit.pool,
         }
     )
-    if host is None:
-        env = await session_env_from_block(unit.settings_block) if unit.settings_block else {}
-        host = SessionHost(slot=session_slot, env=env)
-    git_env = await git_env_from_block(unit.repo_block) if unit.repo_block else None
-    result = await execute_task(unit, host=host.with_log(logger.info), git_env=git_env)
+    result = _run_coroutine(_execute(unit, host, logger.info))
     if unit.publish_artifacts:
-        await publish_task_artifacts(result, unit.artifact_scope or unit.run_id)
+        publish_task_artifacts(result, unit.artifact_scope or unit.run_id)
     logger.info(
         "task %s %s: %d files, +%d/-%d, %d turns, $%.4f%s",
         unit.spec.id,
@@ -108,11 +112,41 @@ async def run_worker(unit: WorkUnit, host: SessionHost | None = None) -> State[T
     return as_state(result)
 
 
+async def _execute(
+    unit: WorkUnit, host: SessionHost | None, log: Callable[[str], None]
+) -> TaskResult:
+    if host is None:
+        env = await session_env_from_block(unit.settings_block) if unit.settings_block else {}
+        host = SessionHost(slot=session_slot, env=env)
+    git_env = await git_env_from_block(unit.repo_block) if unit.repo_block else None
+    return await execute_task(unit, host=host.with_log(log), git_env=git_env)
+
+
+def _run_coroutine(coroutine: Coroutine[Any, Any, TaskResult]) -> TaskResult:
+    """Run ``coroutine`` to its end from this synchronous task run.
+
+    On a task runner's thread it gets an event loop of its own. A worker flow (asynchronous)
+    runs its task inline, on its own loop's thread: there the coroutine gets a thread and
+    loop of its own while this one waits.
+    """
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(coroutine)
+    result = run_coro_as_sync(coroutine, force_new_thread=True)
+    assert result is not None  # the coroutine returns a TaskResult or raises
+    return result
+
+
 def worker_task(settings: WorkerSettings) -> Task[..., Any]:
     """``run_worker`` with the retry policy of ``settings``."""
-    return run_worker.with_options(
-        retries=settings.retries, retry_delay_seconds=settings.retry_delay_s
-    )
+    return _worker_task(settings.retries, settings.retry_delay_s)
+
+
+@functools.cache
+def _worker_task(retries: int, retry_delay_s: float) -> Task[..., Any]:
+    # One per policy: building a Task hashes its function's source, 10 ms a task otherwise.
+    return run_worker.with_options(retries=retries, retry_delay_seconds=retry_delay_s)
 
 
 async def run_unit(unit: WorkUnit) -> TaskResult:
@@ -120,7 +154,8 @@ async def run_unit(unit: WorkUnit) -> TaskResult:
 
     A crashed task run becomes an error result, not an exception.
     """
-    state: State[TaskResult] = await worker_task(unit.settings)(unit, return_state=True)
+    # A synchronous task called with return_state: its final State, at once.
+    state = cast("State[TaskResult]", worker_task(unit.settings)(unit, return_state=True))
     value = await state.aresult(raise_on_failure=False)
     if isinstance(value, TaskResult):
         return value

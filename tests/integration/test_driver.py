@@ -262,6 +262,18 @@ def table(artifact: Artifact) -> list[dict[str, Any]]:
     return data
 
 
+def markdown_rows(text: str) -> list[dict[str, str]]:
+    """The rows of the first markdown table in ``text``, by column header."""
+    lines = [line for line in text.splitlines() if line.startswith("|")]
+    assert len(lines) >= 2, text
+
+    def cells(line: str) -> list[str]:
+        return [cell.strip() for cell in line.strip().strip("|").split("|")]
+
+    header = cells(lines[0])
+    return [dict(zip(header, cells(line), strict=True)) for line in lines[2:]]
+
+
 # --------------------------------------------------------------------------- scheduling
 
 
@@ -787,13 +799,11 @@ class TestFinishedRun:
         report = finished_run.report
         run_id = report.run_id
         scope = artifact_scope(deployment=None, goal=report.goal)  # stable across runs
-        keys = [
-            f"{scope}-{t}-{kind}" for t in ("calc-doc", "strings-doc") for kind in ("diff", "tests")
-        ]
+        keys = [f"{scope}-{t}-diff" for t in ("calc-doc", "strings-doc")]
 
-        found = read_artifacts(keys)
+        found = read_artifacts([*keys, f"{scope}-calc-doc-tests"])
 
-        assert sorted(found) == sorted(keys)
+        assert sorted(found) == sorted(keys)  # one artifact per task: diff and test report
         diff = found[f"{scope}-calc-doc-diff"]
         assert diff.type == "markdown"
         assert isinstance(diff.data, str)
@@ -804,12 +814,11 @@ class TestFinishedRun:
         assert str(diff.flow_run_id) == report.flow_run_id and diff.task_run_id is not None
         strings_diff = found[f"{scope}-strings-doc-diff"].data
         assert isinstance(strings_diff, str) and '"""Upper-case text."""' in strings_diff
-        tests = found[f"{scope}-calc-doc-tests"]
-        assert tests.type == "table"
-        [row] = table(tests)
-        assert row["command"] == VERIFY and row["exit_code"] == 0
-        assert row["result"] == "passed" and row["passed"] == 2 and row["failed"] == 0
-        assert "2 passed" in row["output_tail"]
+        tests = diff.data.split("## Test report", 1)[1].split("## Diff", 1)[0]
+        [row] = markdown_rows(tests)
+        assert row["command"] == f"`{VERIFY}`" and row["exit code"] == "0"
+        assert row["result"] == "passed" and row["passed"] == "2" and row["failed"] == "0"
+        assert "2 passed" in tests  # the output's tail
 
     def test_run_artifacts(self, finished_run: FinishedRun) -> None:
         report = finished_run.report
@@ -936,10 +945,12 @@ class TestSingleTask:
 
         assert result.status is TaskStatus.SUCCEEDED, result.error
         found = read_artifacts([f"{run_id}-lonely-diff", f"{run_id}-lonely-tests"])
+        assert sorted(found) == [f"{run_id}-lonely-diff"]
         diff = found[f"{run_id}-lonely-diff"].data
         assert isinstance(diff, str)
         assert "+    return text.upper() + '!'" in diff
         assert f"claudecluster/{run_id}/lonely" in diff
-        [row] = table(found[f"{run_id}-lonely-tests"])
-        assert row["command"] == VERIFY and row["result"] == "passed" and row["passed"] == 2
+        [row] = markdown_rows(diff.split("## Test report", 1)[1].split("## Diff", 1)[0])
+        assert row["command"] == f"`{VERIFY}`" and row["result"] == "passed"
+        assert row["passed"] == "2"
         assert found[f"{run_id}-lonely-diff"].task_run_id is not None

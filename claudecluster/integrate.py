@@ -7,6 +7,7 @@ the task branch stays as it is, and the report says which task, which files and 
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import queue
 import threading
@@ -139,8 +140,13 @@ class Integration:
     def offer(self, results: Mapping[str, TaskResult]) -> None:
         """Results so far (copied): merge what can be merged now, on the thread."""
         if self._thread is None:
+            # The caller's context: its trace, so the merges' spans are in the goal's trace.
+            context = contextvars.copy_context()
             self._thread = threading.Thread(
-                target=self._follow, name=f"integrate-{self.run_id}", daemon=True
+                target=context.run,
+                args=(self._follow,),
+                name=f"integrate-{self.run_id}",
+                daemon=True,
             )
             self._thread.start()
         self._offers.put(dict(results))

@@ -114,12 +114,12 @@ def check_trace(receiver: OtlpReceiver, report: dict[str, Any], task_span: dict[
         steps = {s.name for s in receiver.spans if task in ancestors(s, spans)}
         assert {"claudecluster.worktree", "claudecluster.commit", "claudecluster.verify"} <= steps
     [integrate] = [s for s in receiver.spans if s.name == "integrate"]
-    merges = [s for s in receiver.spans if s.parent_span_id == integrate.span_id]
-    assert sorted(
-        s.attributes.get("claudecluster.task_id", "")
-        for s in merges
-        if s.name == "claudecluster.merge"
-    ) == sorted(task_span)
+    merges = [s for s in receiver.spans if s.name == "claudecluster.merge"]
+    # Merged while other sessions ran (under the goal) or at the end (under integrate).
+    assert {s.parent_span_id for s in merges} <= {root.span_id, integrate.span_id}, tree
+    assert sorted(s.attributes.get("claudecluster.task_id", "") for s in merges) == sorted(
+        task_span
+    )
 
 
 def check_metrics_and_secrets(receiver: OtlpReceiver, report: dict[str, Any]) -> None:

@@ -21,8 +21,9 @@ from claudecluster.models import (
     WorkerSettings,
     WorkUnit,
 )
-from claudecluster.session import MARKER_VAR, SessionHost
+from claudecluster.session import MARKER_VAR, SessionHost, SlotFactory
 from claudecluster.testing import Script, ScriptedModelServer, api_error, hang, text, tool_use
+from claudecluster.testing.model_server import RecordedRequest
 from claudecluster.worker import execute_task
 from tests.conftest import git, snapshot
 
@@ -38,6 +39,7 @@ def run(
     settings: WorkerSettings | None = None,
     verify: str | None = VERIFY,
     log: Callable[[str], None] | None = None,
+    slot: SlotFactory | None = None,
 ) -> TaskResult:
     unit = WorkUnit(
         run_id="run-test",
@@ -48,7 +50,10 @@ def run(
         settings=settings or WorkerSettings(),
         worktree_root=str(worktree_root),
     )
-    return asyncio.run(execute_task(unit, host=SessionHost(log=log) if log else None))
+    host = None
+    if log or slot:
+        host = SessionHost(**({"log": log} if log else {}), **({"slot": slot} if slot else {}))
+    return asyncio.run(execute_task(unit, host=host))
 
 
 def edit_two_files(marker: str) -> Script:
@@ -263,34 +268,20 @@ class TestBootsWhileWaiting:
         @asynccontextmanager
         async def slow_slot() -> AsyncIterator[None]:
             # Held only once this session's CLI is up, and two seconds later.
-            deadline = time.monotonic() + 30
-            while not _processes_with(MARKER_VAR) and time.monotonic() < deadline:
-                await anyio.sleep(0.05)
-            seen["cli_up"] = time.time() if _processes_with(MARKER_VAR) else 0.0
+            seen["cli_up"] = time.time() if await _cli_is_up() else 0.0
             await anyio.sleep(2.0)
             seen["held"] = time.time()
             yield
 
-        spec = TaskSpec(id="waits", title="Waits", prompt=f"{marker} wait for it")
-        unit = WorkUnit(
-            run_id="run-test",
-            spec=spec,
-            repo=str(repo),
-            base_commit="HEAD",
-            verify=None,
-            worktree_root=str(worktree_root),
-        )
-
         started = time.time()
 
-        result = asyncio.run(execute_task(unit, host=SessionHost(slot=slow_slot)))
+        spec = TaskSpec(id="waits", title="Waits", prompt=f"{marker} wait for it")
+        result = run(repo, spec, worktree_root, verify=None, slot=slow_slot)
 
         assert result.status is TaskStatus.NO_CHANGES, result.error
         assert seen["cli_up"], "no CLI was started before the slot was held"
         assert seen["held"] - seen["cli_up"] >= 2.0
-        requests = [
-            r for r in model_server.requests if r.path == "/v1/messages" and r.started_at >= started
-        ]
+        requests = _model_requests_since(model_server, started)
         assert requests and min(r.started_at for r in requests) >= seen["held"]
 
     def test_a_refused_slot_stops_the_booted_cli_without_a_request(
@@ -302,31 +293,34 @@ class TestBootsWhileWaiting:
 
         @asynccontextmanager
         async def refused_after_boot() -> AsyncIterator[None]:
-            deadline = time.monotonic() + 30
-            while not _processes_with(MARKER_VAR) and time.monotonic() < deadline:
-                await anyio.sleep(0.05)
+            assert await _cli_is_up()
             await anyio.sleep(1.0)
             raise StartRefusedError("not started: budget spent", failure_reason="goal_budget")
             yield  # pragma: no cover
 
-        spec = TaskSpec(id="refused", title="Refused", prompt=f"{marker} never")
-        unit = WorkUnit(
-            run_id="run-test",
-            spec=spec,
-            repo=str(repo),
-            base_commit="HEAD",
-            worktree_root=str(worktree_root),
-        )
-
         started = time.time()
 
-        result = asyncio.run(execute_task(unit, host=SessionHost(slot=refused_after_boot)))
+        spec = TaskSpec(id="refused", title="Refused", prompt=f"{marker} never")
+        result = run(repo, spec, worktree_root, verify=None, slot=refused_after_boot)
 
         assert result.status is TaskStatus.SKIPPED
         assert result.failure_reason is FailureReason.GOAL_BUDGET
-        asked = [r for r in model_server.requests if r.started_at >= started]
-        assert [r for r in asked if r.path == "/v1/messages"] == []
+        assert _model_requests_since(model_server, started) == []
         assert _processes_with(MARKER_VAR) == []  # the booted CLI is gone
+
+
+async def _cli_is_up(within_s: float = 30.0) -> bool:
+    """Whether a session's CLI process appears within ``within_s``."""
+    deadline = time.monotonic() + within_s
+    while not _processes_with(MARKER_VAR):
+        if time.monotonic() > deadline:
+            return False
+        await anyio.sleep(0.05)
+    return True
+
+
+def _model_requests_since(server: ScriptedModelServer, started: float) -> list[RecordedRequest]:
+    return [r for r in server.requests if r.path == "/v1/messages" and r.started_at >= started]
 
 
 def _processes_with(needle: str) -> list[int]:

@@ -111,6 +111,7 @@ class Integration:
         self.scratch_root = worktree_root / run_id
         self._order = topological_order(plan)
         self._next = 0  # the first task in dependency order not offered yet
+        self._held_up = False  # a conflict or an error: the rest waits for finish()
         self._merger: _Merger | None = None
         self._lock = threading.Lock()  # one merge at a time: the thread's, or finish's
         self._offers: queue.SimpleQueue[dict[str, TaskResult] | None] = queue.SimpleQueue()
@@ -196,23 +197,26 @@ class Integration:
 
     def _advance(self, results: dict[str, TaskResult]) -> None:
         with self._lock:
-            merger = self._opened()
-            merger.results = results
-            while self._next < len(self._order):
-                spec = self._order[self._next]
-                result = results.get(spec.id)
-                if result is None:
-                    return  # still running: later ones wait, so the order holds
-                if result.branch and not gitops.branch_exists(self.repo, result.branch):
-                    return  # a pool worker's branch, fetched at the end
-                try:
+            if self._held_up:
+                return
+            try:
+                merger = self._opened()
+                merger.results = results
+                while self._next < len(self._order):
+                    spec = self._order[self._next]
+                    result = results.get(spec.id)
+                    if result is None:
+                        return  # still running: later ones wait, so the order holds
+                    if result.branch and not gitops.branch_exists(self.repo, result.branch):
+                        return  # a pool worker's branch, fetched at the end
                     with telemetry.span("claudecluster.merge", {telemetry.TASK_ID: spec.id}):
                         if not merger.offer(spec, resolve=False):
-                            return  # a conflict: finish() resolves it, in this order
-                except Exception:  # finish() merges what is left, and reports what fails
-                    _log.warning("merging %s early failed", spec.id, exc_info=True)
-                    return
-                self._next += 1
+                            self._held_up = True  # a conflict: finish() resolves it, in order
+                            return
+                    self._next += 1
+            except Exception:  # finish() merges what is left, and reports what fails
+                _log.warning("merging while the run goes on stopped", exc_info=True)
+                self._held_up = True
 
 
 class _Merger:

@@ -373,17 +373,22 @@ class TestEarlyMerges:
         self, repo: Path, worktree_root: Path
     ) -> None:
         results = merged_branches(repo, worktree_root, {"left": "L = 1\n", "right": "R = 2\n"})
+        later = FakeRunner(lambda r: writes(r, {"later.py": "x\n"}))
+        results["later"] = run(unit_for(repo, worktree_root, "later"), later)
         runner = FakeRunner(lambda r: writes(r, {"calc.py": "L = 1\nR = 2\n"}))
 
-        with self.open(repo, worktree_root, "left", "right") as integration:
+        with self.open(repo, worktree_root, "left", "right", "later") as integration:
             integration.offer(results)
             integration._stop()
             assert runner.requests == []  # no resolution session while the run goes on
+            early = git(repo, "log", "--first-parent", "--format=%s", integration.branch)
             outcome = integration.finish(
                 results, verify=None, verify_timeout_s=60, resolver=session_resolver(runner)
             )
 
-        assert outcome.merged == ["left", "right"] and outcome.resolved == ["right"]
+        # Nothing after the conflict was merged early: the order is kept.
+        assert early.splitlines()[0] == "Merge task left: Task left"
+        assert outcome.merged == ["left", "right", "later"] and outcome.resolved == ["right"]
         assert git(repo, "show", f"{outcome.branch}:calc.py") == "L = 1\nR = 2\n"
 
     def test_a_branch_not_here_yet_stops_the_early_merges(

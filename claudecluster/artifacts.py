@@ -25,8 +25,8 @@ from claudecluster.summary import run_table_rows
 ARTIFACT_DIFF_CAP_BYTES = 60_000
 
 
-def diff_markdown(result: TaskResult, *, tests: list[str] | None = None) -> str:
-    """The markdown body of a task's artifact; ``tests`` (lines) go before the diff."""
+def task_markdown(result: TaskResult) -> str:
+    """A task's artifact: its status, files, test report and diff, in one markdown body."""
     lines = [
         f"# {result.title or result.id}",
         "",
@@ -45,7 +45,7 @@ def diff_markdown(result: TaskResult, *, tests: list[str] | None = None) -> str:
         lines += [f"| **total** | | **{result.added}** | **{result.removed}** |", ""]
     else:
         lines += ["No files changed.", ""]
-    lines += tests or []
+    lines += _test_report_lines(result)
     if result.diff:
         body, cut = cap_text(result.diff, ARTIFACT_DIFF_CAP_BYTES)
         if result.diff_truncated and not cut:
@@ -54,7 +54,7 @@ def diff_markdown(result: TaskResult, *, tests: list[str] | None = None) -> str:
     return redact("\n".join(lines))
 
 
-def test_report_markdown(result: TaskResult) -> list[str]:
+def _test_report_lines(result: TaskResult) -> list[str]:
     """The test-report section of a task's artifact: the verify command's outcome."""
     report = result.test_report
     lines = ["## Test report", ""]
@@ -76,11 +76,6 @@ def test_report_markdown(result: TaskResult) -> list[str]:
     if report.output_tail:
         lines += ["```text", report.output_tail[-2000:].rstrip("\n"), "```", ""]
     return lines
-
-
-def task_markdown(result: TaskResult) -> str:
-    """A task's artifact: its status, files, diff and test report, in one markdown body."""
-    return diff_markdown(result, tests=test_report_markdown(result))
 
 
 def publish_task_artifacts(result: TaskResult, scope: str) -> None:
